@@ -1,0 +1,32 @@
+# haven: two commands do all set-up on a fresh machine.
+#   make demo   installs everything into .venv and runs the demo pipeline end to end
+#   make test   installs the same and runs the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint report install clean
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --report results/report.html
+	@echo "Report: results/report.html   MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath results)/mlflow/mlflow.db"
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q
+
+lint: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake data/demo

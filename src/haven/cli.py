@@ -1,0 +1,269 @@
+"""The ``haven`` command line: one subcommand per stage, so every stage runs without Snakemake.
+
+Each rule in ``rules/*.smk`` is one call of one of these subcommands.  Stage settings come
+either from ``--params JSON`` (what the rules pass: the project's config sections, defaults
+already filled in by the schema) or from ``--config FILE --project NAME`` (by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("haven")
+
+
+def _settings(args) -> dict:
+    """The project's config sections for this stage: --params JSON, else --config/--project."""
+    if getattr(args, "params", None):
+        return json.loads(args.params)
+    if getattr(args, "config", None) and getattr(args, "project", None):
+        from haven import config as cfg
+
+        conf = cfg.load(args.config)
+        proj = cfg.project(conf, args.project)
+        return {**proj, "seed": conf["seed"], "results": conf["results"], "key_file": conf["key_file"],
+                "key_env": conf["key_env"], "tracking_uri": conf["tracking_uri"],
+                "experiment": cfg.experiment_name(conf, args.project), "project": args.project,
+                "config_hash": cfg.digest(proj)}
+    raise SystemExit("give the stage settings with --params JSON or --config FILE --project NAME")
+
+
+def _tracking(s: dict, **extra) -> dict | None:
+    if s.get("track") is False:
+        return None
+    keys = ("project", "experiment", "results", "config_hash")
+    if not all(s.get(k) for k in keys):
+        return None
+    return {**{k: s[k] for k in keys}, "uri": s.get("tracking_uri"), **extra}
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", help="stage settings as JSON (what the Snakemake rules pass)")
+    p.add_argument("--config", help="config file (instead of --params)")
+    p.add_argument("--project", help="project name in the config (with --config)")
+    p.add_argument("--rule", help="Snakemake rule name (an MLflow lineage tag)")
+
+
+def cmd_keygen(args) -> int:
+    from haven.keys import create_key
+
+    existed = Path(args.path).exists()
+    create_key(args.path)
+    print(f"key {'already present' if existed else 'written'} at {args.path} (keep it secret, outside results)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from haven import demo
+
+    out = Path(args.out)
+    summary = demo.make_digits(out, seed=args.seed) if args.name == "digits" else demo.make_brain_ct(out, seed=args.seed)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from haven.ingest import ingest
+
+    s = _settings(args) if (args.params or args.config) else {}
+    summary = ingest(Path(args.source), Path(args.out), labels=Path(s["labels"]) if s.get("labels") else None,
+                     label_key=s.get("label_key"), label_column=s.get("label_column", "label"))
+    print(json.dumps(summary))
+    return 0
+
+
+def _key(s: dict) -> bytes:
+    from haven.keys import create_key, load_key
+
+    if s.get("demo_key") and s.get("key_file") and not (s.get("key_env") and os.environ.get(s["key_env"])):
+        create_key(s["key_file"])
+    return load_key(s.get("key_file"), s.get("key_env"))
+
+
+def cmd_anonymize(args) -> int:
+    from haven.anonymize import anonymize
+
+    s = _settings(args)
+    summary = anonymize(Path(args.source), Path(args.ingest), Path(args.out), _key(s), s.get("anonymize", {}))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from haven.audit import audit, write_audit_result
+
+    anon = Path(args.anonymized)
+    result = audit(anon, Path(args.ingest))
+    passed = result["passed"]
+    target = anon / ("audit.json" if passed else "audit.failed.json")
+    (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)
+    write_audit_result(result, target)
+    if not passed:
+        for f in result["findings"][:50]:
+            print(f"LEAK {f['file']}: {f['where']} ({f.get('kind', '')})", file=sys.stderr)
+        print(f"audit FAILED: {len(result['findings'])} finding(s) in {result['files']} file(s); "
+              f"details (without values) in {target}", file=sys.stderr)
+        return 1
+    print(f"audit passed: {result['files']} file(s), 0 findings")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from haven.preprocess import preprocess
+
+    s = _settings(args)
+    stats = preprocess(Path(args.anonymized), Path(args.out), s["preprocess"], seed=s.get("seed", 42))
+    print(json.dumps(stats["samples"]))
+    return 0
+
+
+def _data_hash(pre: Path) -> str | None:
+    stats = pre / "stats.json"
+    return json.loads(stats.read_text()).get("data_manifest_hash") if stats.is_file() else None
+
+
+def cmd_tune(args) -> int:
+    from haven.tune import tune_project
+
+    s = _settings(args)
+    _lineage(args)
+    pre = Path(args.preprocessed)
+    summary = tune_project(pre, Path(args.out), s["model"], s["train"], s["tune"], seed=s.get("seed", 42),
+                           tracking=_tracking(s, data_hash=_data_hash(pre)))
+    print(json.dumps({k: summary[k] for k in ("config", "metric", "value", "trials")}, default=str))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from haven.train import train
+
+    s = _settings(args)
+    _lineage(args)
+    pre = Path(args.preprocessed)
+    tune_run = None
+    if args.best_config:
+        tune_run = (yaml.safe_load(Path(args.best_config).read_text()) or {}).get("mlflow_run_id")
+    summary = train(pre, Path(args.out), s["model"], s["train"], best_config=args.best_config,
+                    seed=s.get("seed", 42), tracking=_tracking(s, data_hash=_data_hash(pre), tune_run_id=tune_run))
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "best_val_balanced_accuracy", "epochs_run")}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from haven.evaluate import evaluate
+
+    s = _settings(args)
+    _lineage(args)
+    run = json.loads(Path(args.run).read_text()).get("mlflow_run_id") if args.run else None
+    metrics = evaluate(Path(args.model), Path(args.preprocessed), Path(args.out), tracking=_tracking(s, train_run_id=run))
+    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "roc_auc")}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from haven.report import project_report
+
+    s = _settings(args)
+    path = project_report(Path(args.results), Path(args.out), s)
+    print(f"report written to {path}")
+    return 0
+
+
+def _lineage(args) -> None:
+    if getattr(args, "rule", None):
+        os.environ["HAVEN_RULE"] = args.rule
+        if getattr(args, "project", None):
+            os.environ.setdefault("HAVEN_WILDCARDS", f"project={args.project}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haven", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create a pseudonymization key file (if missing)")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("demo", help="generate a demo dataset from packages (no download)")
+    p.add_argument("name", choices=["digits", "brain-ct"])
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ingest", help="walk a source folder into a manifest; quarantine unreadable files")
+    p.add_argument("source")
+    p.add_argument("out")
+    _stage_args(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("anonymize", help="de-identify every ingested file (keyed pseudonyms, date shifts)")
+    p.add_argument("source")
+    p.add_argument("ingest", help="the ingest stage's output folder")
+    p.add_argument("out")
+    _stage_args(p)
+    p.set_defaults(func=cmd_anonymize)
+
+    p = sub.add_parser("audit", help="re-scan anonymized output for any original identifier; exit 1 on a leak")
+    p.add_argument("anonymized")
+    p.add_argument("--ingest", required=True, help="the ingest stage's output folder (identifiers seen)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("preprocess", help="audited data → patient-level splits → Zarr shards (Dask)")
+    p.add_argument("anonymized")
+    p.add_argument("out")
+    _stage_args(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna) → best_config.yaml")
+    p.add_argument("preprocessed")
+    p.add_argument("out")
+    _stage_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("train", help="transfer learning with the tuned hyperparameters → model.pt")
+    p.add_argument("preprocessed")
+    p.add_argument("out")
+    p.add_argument("--best-config", help="the tune stage's best_config.yaml")
+    _stage_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test-split metrics and plots, logged to MLflow")
+    p.add_argument("model")
+    p.add_argument("preprocessed")
+    p.add_argument("out")
+    p.add_argument("--run", help="the train stage's run.json (MLflow run to log into)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="per-project HTML summary and model card")
+    p.add_argument("results", help="the project's results folder")
+    p.add_argument("out")
+    _stage_args(p)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from haven.config import ConfigError
+    from haven.keys import KeyError_
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, KeyError_, FileNotFoundError, ValueError) as exc:
+        print(f"haven {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Configuration: one JSON schema (workflow/schemas/config.schema.yaml) for Snakemake and the CLI.
+
+The schema carries every default; :func:`load` validates a config file and fills the
+defaults in, exactly like ``snakemake.utils.validate(config, schema)`` does at DAG start,
+so a stage run by hand sees the same values as a stage run by the workflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration does not match the schema; the message names the key and the fix."""
+
+
+def schema() -> dict:
+    if not SCHEMA_PATH.is_file():  # pragma: no cover - only when installed without the repo
+        raise ConfigError(f"config schema not found at {SCHEMA_PATH}")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _validator():
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop:
+                    instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Validate ``config`` in place, filling defaults; raise ConfigError naming the bad key."""
+    validator = _validator()(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+            lines.append(f"  {key}: {err.message}")
+        raise ConfigError(
+            f"{source} is not a valid haven config:\n" + "\n".join(lines)
+            + f"\nSee {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[2])} for every key, its type and default."
+        )
+    return config
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate(config, str(path))
+
+
+def project(config: dict, name: str) -> dict:
+    try:
+        return config["projects"][name]
+    except KeyError:
+        known = ", ".join(sorted(config.get("projects", {})))
+        raise ConfigError(f"no project {name!r} in the config (known: {known})") from None
+
+
+def experiment_name(config: dict, name: str) -> str:
+    return project(config, name).get("experiment") or f"haven-{name}"
+
+
+def digest(obj: Any) -> str:
+    """A stable short hash of a JSON-able object (used as the config hash tag)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,335 @@
+"""Train: transfer learning from a pretrained backbone on the Zarr shards.
+
+Schedule: a new head; ``freeze_epochs`` epochs with the backbone frozen (head only), then
+the whole backbone (or its last N stages) unfrozen with a smaller, discriminative learning
+rate.  AdamW, linear warmup then cosine decay, label smoothing, class-weighted loss, AMP
+(bf16) and channels_last on GPU.  A checkpoint (model, optimizer, scheduler, RNG states,
+history) is written atomically after every epoch; a new run resumes from it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from haven.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+class ZarrSplit:
+    """A split written by the preprocess stage, read chunk by chunk (whole Zarr chunks)."""
+
+    def __init__(self, store: str | Path):
+        import zarr
+
+        self.store = Path(store)
+        self.group = zarr.open_group(self.store, mode="r")
+        self.images = self.group["images"]
+        self.labels = np.asarray(self.group["labels"][:], dtype=np.int64)
+        attrs = dict(self.group.attrs)
+        self.classes: list[str] = list(attrs["classes"])
+        self.mean = torch.tensor(attrs.get("mean", [0.5] * self.images.shape[1]), dtype=torch.float32)
+        self.std = torch.tensor(attrs.get("std", [0.25] * self.images.shape[1]), dtype=torch.float32)
+        self.chunk = self.images.chunks[0]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def column(self, name: str) -> np.ndarray:
+        return np.asarray(self.group[name][:]).astype(str)
+
+    def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
+                buffer_chunks: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels) batches.  With ``shuffle`` the chunk order is permuted
+        and samples are shuffled inside a buffer of ``buffer_chunks`` chunks."""
+        n = len(self)
+        starts = np.arange(0, n, self.chunk)
+        if shuffle:
+            starts = rng.permutation(starts)
+        for g in range(0, len(starts), buffer_chunks):
+            group = starts[g:g + buffer_chunks]
+            x = np.concatenate([self.images[s:s + self.chunk] for s in group])
+            y = np.concatenate([self.labels[s:s + self.chunk] for s in group])
+            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            for b in range(0, len(x), batch_size):
+                idx = order[b:b + batch_size]
+                yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float, normalized with the train split's statistics (on device)."""
+    x = x.float().div_(255.0)
+    return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = counts.sum() / np.maximum(counts, 1) / n_classes
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: ZarrSplit, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels for a whole split, in stored order."""
+    dev = next(model.parameters()).device
+    model.eval()
+    probs, labels = [], []
+    for x, y in split.batches(batch_size, shuffle=False):
+        x = normalize(x.to(dev, non_blocking=True), split.mean, split.std)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(y.numpy())
+    if not probs:
+        return np.zeros((0, len(split.classes))), np.zeros(0, dtype=np.int64)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def val_metrics(model: nn.Module, split: ZarrSplit) -> dict:
+    from sklearn.metrics import balanced_accuracy_score
+
+    probs, y = predict(model, split)
+    if len(y) == 0:
+        return {}
+    pred = probs.argmax(1)
+    nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return {"val_loss": nll, "val_accuracy": float((pred == y).mean()),
+            "val_balanced_accuracy": float(balanced_accuracy_score(y, pred))}
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    history: list[dict]
+    best_epoch: int
+    best_metric: float
+    model: nn.Module
+    resumed_from: int
+
+
+def _hparams(train: dict, overrides: dict | None) -> dict:
+    hp = dict(train)
+    hp.update(overrides or {})
+    return hp
+
+
+def _checkpoint_state(model, optimizer, scheduler, epoch, history, best, hp) -> bytes:
+    buf = io.BytesIO()
+    torch.save({
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "history": history, "best": best, "hparams": hp,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }, buf)
+    return buf.getvalue()
+
+
+def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_cfg: dict,
+        workdir: str | Path, seed: int = 42, overrides: dict | None = None,
+        report: Callable[[dict], None] | None = None, max_epochs: int | None = None) -> Result:
+    """Train with the transfer-learning schedule; resume from ``workdir/checkpoints/last.pt``.
+
+    ``overrides`` (from the tuner's best config) replace keys of ``train_cfg`` and
+    ``model_cfg["backbone"]``; ``report`` is called with the metrics of every epoch.
+    """
+    from haven.models import backbone_and_head, build_model, set_backbone_trainable
+
+    hp = _hparams(train_cfg, overrides)
+    backbone = (overrides or {}).get("backbone", model_cfg["backbone"])
+    epochs = int(max_epochs or hp["epochs"])
+    workdir = Path(workdir)
+    ckpt_path = workdir / "checkpoints" / "last.pt"
+    torch.set_num_threads(int(hp.get("threads", 2)))
+    seed_everything(seed)
+
+    train, val = ZarrSplit(train_store), ZarrSplit(val_store)
+    n_classes = len(train.classes)
+    dev = device()
+    model = build_model(backbone, n_classes, weights=model_cfg.get("weights"), in_chans=train.channels)
+    model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    backbone_params, head_params = backbone_and_head(model)
+    optimizer = torch.optim.AdamW([
+        {"params": head_params, "lr": hp["lr"]},
+        {"params": backbone_params, "lr": hp["lr"] * hp["backbone_lr_factor"]},
+    ], weight_decay=hp["weight_decay"])
+    batch_size = int(hp["batch_size"])
+    steps_per_epoch = max(1, math.ceil(len(train) / batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(epochs * steps_per_epoch, int(hp["warmup_epochs"] * steps_per_epoch)))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train.labels, n_classes).to(dev),
+                                  label_smoothing=hp["label_smoothing"])
+
+    history: list[dict] = []
+    best = {"epoch": -1, "metric": -math.inf}
+    start = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if state.get("hparams") == hp:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, best, start = state["history"], state["best"], state["epoch"] + 1
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
+        else:
+            log.warning("ignoring %s: it was written with other hyperparameters", ckpt_path)
+    resumed_from = start
+
+    unfreeze = hp.get("unfreeze", "all")
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        frozen = epoch < hp["freeze_epochs"]
+        set_backbone_trainable(model, False if frozen else (True if unfreeze == "all" else int(unfreeze)))
+        model.train()
+        total, seen = 0.0, 0
+        rng = np.random.default_rng([seed, epoch])  # per-epoch order: a resumed run sees the same batches
+        for x, y in train.batches(batch_size, shuffle=True, rng=rng):
+            x = normalize(x.to(dev, non_blocking=True), train.mean, train.std)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **val_metrics(model, val),
+                   "lr": optimizer.param_groups[0]["lr"], "frozen": int(frozen),
+                   "seconds": time.perf_counter() - t0, "images_per_s": seen / (time.perf_counter() - t0)}
+        history.append(metrics)
+        score = metrics.get("val_balanced_accuracy", -metrics["train_loss"])
+        if score > best["metric"]:
+            best = {"epoch": epoch, "metric": score}
+            atomic_write_bytes(workdir / "checkpoints" / "best.pt", _state_dict_bytes(model))
+        atomic_write_bytes(ckpt_path, _checkpoint_state(model, optimizer, scheduler, epoch, history, best, hp))
+        log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+        if report:
+            report(metrics)
+        if epoch - best["epoch"] >= hp["patience"]:
+            log.info("early stop: no improvement for %d epochs", hp["patience"])
+            break
+
+    best_path = workdir / "checkpoints" / "best.pt"
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True))
+    return Result(history, best["epoch"], best["metric"], model, resumed_from)
+
+
+def _state_dict_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def save_model(result: Result, path: str | Path, backbone: str, train_store: str | Path, hp: dict) -> None:
+    """The deliverable: best weights plus everything needed to rebuild and feed the model."""
+    split = ZarrSplit(train_store)
+    buf = io.BytesIO()
+    torch.save({
+        "state_dict": result.model.state_dict(), "backbone": backbone, "classes": split.classes,
+        "in_chans": split.channels, "size": int(split.images.shape[-1]),
+        "mean": split.mean.tolist(), "std": split.std.tolist(), "hparams": hp,
+        "best_epoch": result.best_epoch,
+    }, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    from haven.models import build_model
+
+    meta = torch.load(path, map_location=map_location, weights_only=False)
+    model = build_model(meta["backbone"], len(meta["classes"]), weights=None, in_chans=meta["in_chans"])
+    model.load_state_dict(meta["state_dict"])
+    model.eval()
+    return model, meta
+
+
+def train(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict, train_cfg: dict,
+          best_config: str | Path | None = None, seed: int = 42, tracking: dict | None = None) -> dict:
+    """The train stage: fit with the tuned hyperparameters, save ``model.pt``, ``history.csv``
+    and log everything to MLflow."""
+    import pandas as pd
+    import yaml
+
+    pre, out = Path(preprocess_dir), Path(out_dir)
+    overrides = (yaml.safe_load(Path(best_config).read_text()) or {}).get("config", {}) if best_config else {}
+    hp = _hparams(train_cfg, overrides)
+    backbone = overrides.get("backbone", model_cfg["backbone"])
+    result = fit(pre / "train.zarr", pre / "val.zarr", model_cfg, train_cfg, out, seed=seed, overrides=overrides)
+    save_model(result, out / "model.pt", backbone, pre / "train.zarr", hp)
+    (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # done: a forced re-run starts afresh
+    history = pd.DataFrame(result.history)
+    history.to_csv(out / "history.csv", index=False)
+    summary = {"best_epoch": result.best_epoch, "best_val_balanced_accuracy": result.best_metric,
+               "epochs_run": len(result.history), "resumed_from_epoch": result.resumed_from,
+               "hparams": hp, "backbone": backbone}
+    if tracking:
+        summary["mlflow_run_id"] = _log_run(tracking, summary, history, out, pre)
+    atomic_write_text(out / "run.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _log_run(tracking: dict, summary: dict, history, out: Path, pre: Path) -> str:
+    import mlflow
+
+    from haven import tracking as trk
+
+    trk.setup(tracking["experiment"], tracking["results"], tracking.get("uri"))
+    tags = trk.lineage_tags("train", tracking["project"], tracking.get("config_hash"), tracking.get("data_hash"))
+    if tracking.get("tune_run_id"):
+        tags["haven.tune_run_id"] = tracking["tune_run_id"]
+    with mlflow.start_run(run_name=f"{tracking['project']}-train", tags=tags) as run:
+        mlflow.log_params({**{k: v for k, v in summary["hparams"].items()}, "backbone": summary["backbone"]})
+        for row in history.to_dict("records"):
+            step = int(row["epoch"])
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metric("best_val_balanced_accuracy", summary["best_val_balanced_accuracy"])
+        mlflow.log_artifact(str(out / "history.csv"))
+        mlflow.log_artifact(str(out / "model.pt"), artifact_path="model")
+        mlflow.log_artifact(str(pre / "stats.json"), artifact_path="data")
+        return run.info.run_id
