@@ -169,7 +169,7 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
     ``overrides`` (from the tuner's best config) replace keys of ``train_cfg`` and
     ``model_cfg["backbone"]``; ``report`` is called with the metrics of every epoch.
     """
-    from haven.models import backbone_and_head, build_model, set_backbone_trainable
+    from haven.models import backbone_and_head, build_model, freeze_bn_stats, set_backbone_trainable
 
     hp = _hparams(train_cfg, overrides)
     backbone = (overrides or {}).get("backbone", model_cfg["backbone"])
@@ -223,6 +223,7 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
         frozen = epoch < hp["freeze_epochs"]
         set_backbone_trainable(model, False if frozen else (True if unfreeze == "all" else int(unfreeze)))
         model.train()
+        freeze_bn_stats(model)  # frozen stages keep their pretrained BatchNorm statistics
         total, seen = 0.0, 0
         rng = np.random.default_rng([seed, epoch])  # per-epoch order: a resumed run sees the same batches
         for x, y in train.batches(batch_size, shuffle=True, rng=rng):

@@ -101,7 +101,10 @@ def run_search(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict,
         {"cpu": cpt, "gpu": float(tune_cfg["gpus_per_trial"])},
     )
     storage = out_dir / "ray"
-    name = "search"
+    # one folder per search definition: an interrupted search resumes, a changed one starts afresh
+    from haven.config import digest
+
+    name = "search-" + digest({"model": model_cfg, "train": train_cfg, "tune": tune_cfg, "seed": seed})
     if tune.Tuner.can_restore(storage / name):
         log.info("resuming the interrupted search in %s", storage / name)
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)

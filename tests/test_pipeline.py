@@ -1,0 +1,128 @@
+"""Integration: the whole demo DAG, run for real by Snakemake in a temporary directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+import zarr
+
+pytestmark = pytest.mark.integration
+
+
+def snakemake(root: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def demo(root, tmp_path_factory):
+    """Run the embedded default config, with shorter training, end to end."""
+    work = tmp_path_factory.mktemp("demo")
+    conf = yaml.safe_load((root / "config.yaml").read_text())
+    for p in conf["projects"].values():
+        p["train"]["epochs"] = 3
+        p["tune"]["num_samples"] = 3
+        p["tune"]["max_epochs"] = 2
+    (work / "config.yaml").write_text(yaml.safe_dump(conf))
+    run = snakemake(root, work)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+    return work, conf
+
+
+def test_audit_passed_for_every_project(demo):
+    work, conf = demo
+    for name in conf["projects"]:
+        audit = json.loads((work / "results" / name / "anonymize" / "audit.json").read_text())
+        assert audit["passed"] and audit["files"] > 0 and not audit["findings"]
+
+
+def test_bad_files_were_quarantined_not_fatal(demo):
+    work, _ = demo
+    for name in ("digits", "brain-ct"):
+        q = pd.read_csv(work / "results" / name / "ingest" / "quarantine.csv")
+        assert len(q) >= 1 and q["reason"].str.len().min() > 0
+
+
+def test_shards_have_split_sizes_and_no_patient_overlap(demo):
+    work, conf = demo
+    for name in conf["projects"]:
+        pre = work / "results" / name / "preprocess"
+        stats = json.loads((pre / "stats.json").read_text())
+        splits = pd.read_csv(pre / "splits.csv")
+        assert splits.groupby("patient")["split"].nunique().max() == 1
+        patients = {s: set(zarr.open_group(pre / f"{s}.zarr", mode="r")["patient"][:]) for s in ("train", "val", "test")}
+        assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+        assert not (patients["val"] & patients["test"])
+        for s in ("train", "val", "test"):
+            g = zarr.open_group(pre / f"{s}.zarr", mode="r")
+            assert g["images"].shape[0] == stats["samples"][s] == (splits["split"] == s).sum() > 0
+    assert json.loads((work / "results/digits/preprocess/stats.json").read_text())["samples"]["train"] > 1000
+
+
+def test_models_learn(demo):
+    work, _ = demo
+    digits = json.loads((work / "results/digits/evaluate/metrics.json").read_text())
+    assert digits["accuracy"] > 0.6  # chance is ~0.1
+    ct = json.loads((work / "results/brain-ct/evaluate/metrics.json").read_text())
+    assert ct["n"] > 0 and ct["roc_auc"] is not None
+
+
+def test_mlflow_has_tune_and_train_runs_per_project(demo):
+    import mlflow
+
+    work, conf = demo
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'results/mlflow/mlflow.db'}")
+    for name in conf["projects"]:
+        exp = client.get_experiment_by_name(f"haven-{name}")
+        runs = client.search_runs([exp.experiment_id])
+        stages = [r.data.tags.get("haven.stage") for r in runs]
+        assert stages.count("train") == 1 and stages.count("tune") >= 1
+        train = next(r for r in runs if r.data.tags.get("haven.stage") == "train")
+        tune = next(r for r in runs if r.data.tags.get("haven.stage") == "tune" and "mlflow.parentRunId" not in r.data.tags)
+        assert "test_accuracy" in train.data.metrics and "best_val_balanced_accuracy" in train.data.metrics
+        assert train.data.tags["haven.tune_run_id"] == tune.info.run_id
+        for tag in ("haven.config_hash", "haven.data_manifest_hash", "haven.git_commit", "haven.snakemake_rule"):
+            assert train.data.tags.get(tag), tag
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
+        assert len(children) == conf["projects"][name]["tune"]["num_samples"]
+
+
+def test_reports_and_second_run_is_a_no_op(root, demo):
+    work, conf = demo
+    for name in conf["projects"]:
+        page = (work / "results" / name / "report" / "index.html").read_text()
+        assert "audit" in page and "data:image/png;base64" in page
+        assert (work / "results" / name / "report" / "model_card.md").is_file()
+    again = snakemake(root, work, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+    rep = snakemake(root, work, "--report", str(work / "report.html"))
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert (work / "report.html").stat().st_size > 10_000
+
+
+def test_no_identifier_or_key_outside_the_phi_zone(demo):
+    """Nothing downstream of ingest (outputs, logs, MLflow store) holds an original identifier or the key."""
+    work, conf = demo
+    key = (work / conf["key_file"]).read_text().strip()
+    needles = {key}
+    for name in conf["projects"]:
+        ids = pd.read_csv(work / "results" / name / "ingest" / "identifiers.csv", dtype=str, keep_default_na=False)
+        needles |= {v for v in ids["value"] if len(v) >= 8}
+    needles = sorted(needles)
+    assert len(needles) > 20
+    leaks = []
+    for path in (work / "results").rglob("*"):
+        if not path.is_file() or "ingest" in path.relative_to(work / "results").parts:
+            continue
+        blob = path.read_bytes()
+        for n in needles:
+            if n.encode() in blob:
+                leaks.append(f"{path.relative_to(work)} holds a value of kind {'key' if n == key else 'identifier'}")
+    assert not leaks, leaks[:20]
