@@ -1,0 +1,525 @@
+"""Demo data generated from installed packages (nothing is downloaded).
+
+* :func:`make_digits` - the "photos in class subfolders" case: scikit-learn's ``load_digits``
+  (1797 real 8x8 scans of handwritten digits) as 8-bit PNGs in ``<class>/<index>.png``, plus
+  one corrupt PNG so that the quarantine has something to show.
+* :func:`make_brain_ct` - the "brain hemorrhage" case: a DICOM CT project with realistic
+  (fictional) PHI in the places where real exports hide it, a label table keyed by accession
+  number, and two broken files.
+
+The anatomical base of the CT demo is a real axial head CT slice (512x512, HU, lossless
+JPEG 2000) that ships with pydicom as a test file (``J2K_pixelrep_mismatch.dcm``).  The
+``ctbrain1.dcm``/``ctbrain2.dcm`` files of ``deid-data`` were the first choice, but their pixel
+data is an 8-bit colour (YBR JPEG) drawing of a smiley face behind a CT header, not CT
+values, so they cannot serve as anatomy.  If the JPEG 2000 slice cannot be decoded (no
+codec), a simple analytic head phantom is used instead and the summary says so.
+
+Both generators are deterministic: the same seed writes the same bytes (UIDs are derived
+from the seed, dates are fixed by the seed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MARKER = ".haven-demo"  # marks a folder written by this module (safe to replace)
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _prepare(out_dir: Path) -> Path:
+    """A fresh temporary folder beside ``out_dir``; refuses to replace a folder we did not write."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+        raise ValueError(
+            f"{out_dir} exists, is not empty and was not written by `haven demo`: "
+            "choose an empty or new folder for the demo data"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the demo is ordinary data
+    (tmp / MARKER).write_text("written by haven.demo; safe to delete\n")
+    return tmp
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished temporary folder into place (no half-written demo after a kill)."""
+    out_dir = Path(out_dir)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _abort(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def make_digits(out_dir: Path, seed: int = 0) -> dict:
+    """Write scikit-learn's digits as ``out_dir/<class>/<index>.png`` (8-bit grayscale, 8x8).
+
+    Values 0..16 are scaled to 0..255.  One corrupt PNG (``3/corrupt.png``: a PNG signature
+    followed by garbage) is planted so that ingest has something to quarantine.  ``seed`` is
+    accepted for a uniform demo API; the digits themselves are fixed.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out_dir = Path(out_dir)
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    targets = digits.target.astype(int)
+
+    tmp = _prepare(out_dir)
+    try:
+        per_class: dict[str, int] = {}
+        for i, (img, y) in enumerate(zip(images, targets)):
+            cls = str(y)
+            folder = tmp / cls
+            if cls not in per_class:
+                folder.mkdir()
+                per_class[cls] = 0
+            Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+            per_class[cls] += 1
+        (tmp / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDRgarbage-not-a-png")
+        _commit(tmp, out_dir)
+    except BaseException:
+        _abort(tmp)
+        raise
+    summary = {
+        "out_dir": str(out_dir),
+        "images": int(len(images)),
+        "classes": len(per_class),
+        "per_class": dict(sorted(per_class.items())),
+        "corrupt": 1,
+    }
+    log.info("digits demo: %d images in %d classes (+1 corrupt) under %s", len(images), len(per_class), out_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# brain CT
+
+_FAMILY = [
+    "GARCIA", "SMITH", "NGUYEN", "OKAFOR", "MÜLLER", "KOWALSKI", "TANAKA", "ROSSI", "DUBOIS",
+    "JOHANSSON", "PATEL", "O'BRIEN", "NÚÑEZ", "FISCHER", "MENSAH", "IVANOVA", "CHEN", "HASSAN",
+    "MURPHY", "SILVA", "KIM", "ANDERSEN", "LEFEBVRE", "MORALES", "WANJIRU", "BERGSTRÖM", "SHAPIRO",
+    "HOLLOWAY", "PETROV", "YAMAMOTO", "CALLAGHAN", "VARGA", "HERNÁNDEZ", "LINDQVIST", "ABBOTT",
+    "DESAI", "FONSECA", "GALLAGHER", "NAKAMURA", "OYELARAN",
+]
+_GIVEN = {
+    "F": ["MARIA", "AISHA", "LINH", "CHIDINMA", "ANNA", "HANNA", "YUKI", "GIULIA", "CLAIRE", "INGRID",
+          "PRIYA", "SIOBHAN", "LUCÍA", "SOFIE", "AMA", "OLGA", "MEI", "FATIMA", "NORA", "BEATRIZ"],
+    "M": ["JOSE", "DAVID", "MINH", "EMEKA", "JÜRGEN", "PIOTR", "HIROSHI", "MARCO", "LUC", "ERIK",
+          "RAJESH", "SEAN", "ANDRÉS", "KLAUS", "KWAME", "DMITRI", "WEI", "OMAR", "PATRICK", "JOÃO"],
+}
+_DOCTORS = [
+    "HIBBARD^JULIUS^A", "OKONKWO^ADAEZE", "LARSEN^METTE^K", "FARAH^YUSUF", "BRENNAN^COLM",
+    "SATO^KENJI", "MOREAU^ELODIE", "ADEYEMI^TUNDE", "WEISS^RACHEL^S", "COSTA^HELENA",
+]
+_OPERATORS = ["REYES^DANA", "BLOOM^TOBIAS", "ACHTERBERG^LOTTE", "QUINN^MORGAN", "NOVAK^PAVEL"]
+_SITES = [
+    {"name": "ST ALDRIC GENERAL HOSPITAL", "address": "12 Harbour Road, Northfield NF4 2QA",
+     "station": "ALDCT01", "manufacturer": "SIEMENS", "model": "SOMATOM Definition AS+",
+     "serial": "71150", "issuer": "ALDRIC", "kvp": "120"},
+    {"name": "RIVERBEND UNIVERSITY MEDICAL CENTRE", "address": "400 College Avenue, Riverbend RB1 7TT",
+     "station": "RBUCT2", "manufacturer": "GE MEDICAL SYSTEMS", "model": "Revolution CT",
+     "serial": "RV44802", "issuer": "RBUMC", "kvp": "120"},
+    {"name": "MOUNT CALDER COMMUNITY HOSPITAL", "address": "7 Quarry Lane, Calder Falls CF9 3LD",
+     "station": "MCCHCT", "manufacturer": "CANON MEDICAL SYSTEMS", "model": "Aquilion ONE",
+     "serial": "3AB19C0442", "issuer": "MCCH", "kvp": "135"},
+]
+
+_BASE_SPACING = 0.431  # mm, the base slice's PixelSpacing
+_BRAIN_HU = 37.0  # median HU of the base slice's brain parenchyma
+
+
+def _base_slice() -> tuple[np.ndarray, str]:
+    """The anatomical base: (HU float32 512x512, description)."""
+    try:
+        import pydicom
+        from pydicom.data import get_testdata_file
+        from pydicom.pixels import apply_modality_lut
+
+        path = get_testdata_file("J2K_pixelrep_mismatch.dcm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+            hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        if hu.shape != (512, 512):
+            raise ValueError(f"unexpected shape {hu.shape}")
+        return np.clip(hu, -1024, 3071), "pydicom test file J2K_pixelrep_mismatch.dcm (real head CT)"
+    except Exception as e:  # no JPEG 2000 codec, file missing: fall back to a phantom
+        log.warning("real CT base slice unavailable (%s: %s); using an analytic head phantom",
+                    type(e).__name__, e)
+        return _phantom(), "analytic head phantom (fallback)"
+
+
+def _phantom(n: int = 512) -> np.ndarray:
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    cy, cx = n / 2, n / 2
+
+    def ell(a, b, y0=0.0, x0=0.0):
+        return ((yy - cy - y0) / a) ** 2 + ((xx - cx - x0) / b) ** 2 <= 1
+
+    hu = np.full((n, n), -1000.0, np.float32)
+    hu[ell(215, 175)] = 30.0  # scalp
+    hu[ell(205, 165)] = 1200.0  # skull
+    hu[ell(190, 150)] = 37.0  # brain
+    hu[ell(45, 14, -10, -22) | ell(45, 14, -10, 22)] = 6.0  # lateral ventricles
+    return hu
+
+
+def _transform(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A per-patient rigid+scale transform (shift, flip, rotation, head size) of the base."""
+    from scipy import ndimage as ndi
+
+    n = base.shape[0]
+    c = np.array([(n - 1) / 2, (n - 1) / 2])
+    theta = np.deg2rad(rng.uniform(-8, 8))
+    scale = rng.uniform(0.93, 1.07)
+    shift = rng.uniform(-18, 18, size=2)
+    flip = rng.random() < 0.5
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    f = np.diag([1.0, -1.0 if flip else 1.0])
+    m = (rot / scale) @ f
+    offset = c - m @ (c + shift)
+    return ndi.affine_transform(base, m, offset=offset, order=1, cval=-1024.0, mode="constant")
+
+
+def _brain_distance(hu: np.ndarray) -> np.ndarray:
+    """Distance (px) to the edge of the brain parenchyma for every pixel inside it."""
+    from scipy import ndimage as ndi
+
+    smooth = ndi.uniform_filter(hu, 5)
+    mask = ndi.binary_opening((smooth > 18) & (smooth < 55), iterations=3)
+    lab, n = ndi.label(mask)
+    if n:
+        sizes = ndi.sum(mask, lab, np.arange(1, n + 1))
+        keep = np.flatnonzero(sizes >= 1500) + 1
+        mask = np.isin(lab, keep)
+    return ndi.distance_transform_edt(mask)
+
+
+def _uid(seed: int, *parts) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["haven-demo-brain-ct", str(seed), *map(str, parts)])
+
+
+def _patients(n: int, rng: np.random.Generator) -> list[dict]:
+    """Balanced labels; site and sex balanced within each label (so neither is a proxy)."""
+    labels = np.array([1] * (n // 2) + [0] * (n - n // 2))
+    rng.shuffle(labels)
+    site = np.zeros(n, int)
+    sex = np.empty(n, object)
+    for y in (0, 1):
+        idx = np.flatnonzero(labels == y)
+        site[idx] = rng.permutation(np.arange(len(idx)) % len(_SITES))
+        sex[idx] = rng.permutation(np.array(["F", "M"] * ((len(idx) + 1) // 2))[: len(idx)])
+
+    family = rng.permutation(len(_FAMILY))
+    ids = rng.choice(9_000_000, size=n, replace=False) + 1_000_000
+    mrns = rng.choice(900_000, size=n, replace=False) + 100_000
+    accs = rng.choice(900_000_000, size=n, replace=False) + 100_000_000
+    used_names = set()
+    out = []
+    for i in range(n):
+        given_pool = _GIVEN[sex[i]]
+        fam = _FAMILY[family[i % len(_FAMILY)]]
+        given = given_pool[int(rng.integers(len(given_pool)))]
+        while (fam, given) in used_names:  # more patients than family names
+            given = given_pool[int(rng.integers(len(given_pool)))]
+        used_names.add((fam, given))
+        middle = chr(ord("A") + int(rng.integers(26)))
+        age_days = int(rng.integers(20 * 365 + 5, 90 * 365))
+        study = dt.date(2021, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3 * 365)))
+        birth = study - dt.timedelta(days=age_days)
+        age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+        t0 = int(rng.integers(0, 24 * 3600 - 3600))
+        out.append({
+            "index": i,
+            "label": int(labels[i]),
+            "site": _SITES[site[i]],
+            "sex": str(sex[i]),
+            "family": fam,
+            "given": given,
+            "name": f"{fam}^{given}^{middle}",
+            "patient_id": f"HOSP{ids[i]:07d}",
+            "mrn": f"MRN{mrns[i]:06d}",
+            "accession": f"{accs[i]:09d}",
+            "study_id": f"{int(rng.integers(10000, 99999))}",
+            "birth": birth,
+            "study": study,
+            "age": int(age),
+            "t0": t0,
+            "referring": _DOCTORS[int(rng.integers(len(_DOCTORS)))],
+            "requesting": _DOCTORS[int(rng.integers(len(_DOCTORS)))],
+            "performing": _DOCTORS[int(rng.integers(len(_DOCTORS)))],
+            "operator": _OPERATORS[int(rng.integers(len(_OPERATORS)))],
+        })
+    return out
+
+
+def _tm(seconds: int) -> str:
+    seconds %= 24 * 3600
+    return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
+
+
+def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
+    """One CT slice as a pydicom FileDataset-ready Dataset."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    site = p["site"]
+    sop = uids["sop"][k]
+    date = p["study"].strftime("%Y%m%d")
+    t_series = p["t0"] + 95
+    t_acq = t_series + 30 + 2 * k
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "HAVEN_DEMO_1"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = _tm(t_acq + 20)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyTime = _tm(p["t0"])
+    ds.SeriesTime = _tm(t_series)
+    ds.AcquisitionTime = ds.ContentTime = _tm(t_acq)
+    ds.AccessionNumber = p["accession"]
+    ds.Modality = "CT"
+    ds.Manufacturer = site["manufacturer"]
+    ds.InstitutionName = site["name"]
+    ds.InstitutionAddress = site["address"]
+    ds.ReferringPhysicianName = p["referring"]
+    ds.StationName = site["station"]
+    ds.StudyDescription = "CT HEAD WO CONTRAST"
+    ds.SeriesDescription = "AXIAL 5MM BRAIN"
+    ds.InstitutionalDepartmentName = "EMERGENCY RADIOLOGY"
+    ds.PerformingPhysicianName = p["performing"]
+    ds.OperatorsName = p["operator"]
+    ds.ManufacturerModelName = site["model"]
+    if k > 0:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = CTImageStorage
+        ref.ReferencedSOPInstanceUID = uids["sop"][0]
+        ds.ReferencedImageSequence = [ref]
+
+    # private block: values a vendor or PACS copied from the order
+    block = ds.private_block(0x0009, "HAVEN_DEMO", create=True)
+    block.add_new(0x10, "LO", p["patient_id"])
+    block.add_new(0x11, "LO", f"{p['family']}, {p['given']}")
+
+    ds.PatientName = p["name"]
+    ds.PatientID = p["patient_id"]
+    ds.IssuerOfPatientID = site["issuer"]
+    ds.PatientBirthDate = p["birth"].strftime("%Y%m%d")
+    ds.PatientSex = p["sex"]
+    ds.OtherPatientIDs = p["mrn"]
+    ds.PatientAge = f"{p['age']:03d}Y"
+
+    ds.BodyPartExamined = "HEAD"
+    ds.SliceThickness = "5"
+    ds.KVP = site["kvp"]
+    ds.DeviceSerialNumber = site["serial"]
+    ds.SoftwareVersions = "HAVEN-DEMO 1.0"
+    ds.ProtocolName = "ROUTINE HEAD"
+    ds.PatientPosition = "HFS"
+
+    ds.StudyInstanceUID = uids["study"]
+    ds.SeriesInstanceUID = uids["series"]
+    ds.StudyID = p["study_id"]
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = k + 1
+    z = 20.0 + 5.0 * k
+    half = (pixels.shape[0] / 2) * _BASE_SPACING
+    ds.ImagePositionPatient = [f"{-half:.3f}", f"{-half:.3f}", f"{z:.1f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{z:.1f}"
+    ds.ImageComments = f"Pt {p['given'].title()} {p['family'].title()}, ED referral, {k + 1}/{slices}"
+
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [f"{_BASE_SPACING}", f"{_BASE_SPACING}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "80"
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+
+    req = Dataset()
+    req.RequestedProcedureID = p["accession"]
+    req.ScheduledProcedureStepID = f"SPS{p['accession'][-6:]}"
+    req.RequestedProcedureDescription = "CT HEAD WO CONTRAST"
+    req.RequestingPhysician = p["requesting"]
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management
+    study_ref.ReferencedSOPInstanceUID = uids["study"]
+    req.ReferencedStudySequence = [study_ref]
+    ds.RequestAttributesSequence = [req]
+
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def make_brain_ct(out_dir: Path, n_patients: int = 24, slices: int = 6, seed: int = 0) -> dict:
+    """Write a synthetic "brain hemorrhage" DICOM CT project under ``out_dir``.
+
+    ``out_dir/dicom/<PatientID>/<StudyDate>_<Accession>/<InstanceNumber>.dcm``: one study with
+    one axial series of ``slices`` 512x512 CT slices per patient; half the patients (balanced,
+    seeded) carry a hyperdense ellipse (acute-blood density, ~65-85 HU) inside the brain on
+    every slice.  ``out_dir/labels.csv`` (``accession,label``) holds ``hemorrhage``/``normal``.
+    ``out_dir/dicom/truncated.dcm`` (first 300 bytes of a good file) and
+    ``out_dir/dicom/notes.dcm`` (plain text) are planted for the quarantine.
+    ``out_dir/lesions.csv`` records the ground-truth ellipse of every positive slice
+    (``accession,instance,row,col,semi_axis_a,semi_axis_b,angle_deg``) for checks.
+    """
+    from pydicom import dcmwrite
+
+    if n_patients < 1 or slices < 1:
+        raise ValueError("make_brain_ct needs n_patients >= 1 and slices >= 1")
+    if n_patients > len(_FAMILY) * len(_GIVEN["F"]) // 2:
+        raise ValueError(f"make_brain_ct has names for at most {len(_FAMILY) * len(_GIVEN['F']) // 2} patients")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    base, base_desc = _base_slice()
+    patients = _patients(n_patients, rng)
+
+    tmp = _prepare(out_dir)
+    try:
+        dicom_root = tmp / "dicom"
+        dicom_root.mkdir()
+        first_file = None
+        n_files = 0
+        lesions = ["accession,instance,row,col,semi_axis_a,semi_axis_b,angle_deg"]
+        for p in patients:
+            i = p["index"]
+            uids = {
+                "study": _uid(seed, i, "study"),
+                "series": _uid(seed, i, "series"),
+                "frame": _uid(seed, i, "frame"),
+                "sop": [_uid(seed, i, "sop", k) for k in range(slices)],
+            }
+            anat = _transform(base, rng) + rng.uniform(-3, 3)
+            blob = None
+            if p["label"]:
+                dist = _brain_distance(anat)
+                r = float(rng.uniform(20, 40))
+                r = min(r, max(20.0, float(dist.max()) / 0.8))
+                ok = np.argwhere(dist >= 0.8 * r)
+                if len(ok) == 0:
+                    ok = np.argwhere(dist >= dist.max())
+                cy, cx = ok[int(rng.integers(len(ok)))]
+                blob = {
+                    "cy": float(cy), "cx": float(cx), "a": r, "b": r * float(rng.uniform(0.75, 1.0)),
+                    "theta": float(rng.uniform(0, np.pi)),
+                    "delta": float(rng.uniform(65, 85)) - _BRAIN_HU,
+                }
+            series_dir = dicom_root / p["patient_id"] / f"{p['study'].strftime('%Y%m%d')}_{p['accession']}"
+            series_dir.mkdir(parents=True)
+            for k in range(slices):
+                dy, dx = (int(v) for v in rng.integers(-2, 3, size=2))
+                hu = np.roll(anat, (dy, dx), axis=(0, 1))
+                hu = hu + rng.normal(0.0, 4.0, size=hu.shape).astype(np.float32)
+                if blob is not None:
+                    hu, geom = _add_blob(hu, blob, k, slices, (dy, dx))
+                    lesions.append(f"{p['accession']},{k + 1},{geom}")
+                stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
+                ds = _dataset(p, k, slices, uids, stored)
+                path = series_dir / f"{k + 1}.dcm"
+                dcmwrite(path, ds, enforce_file_format=True)
+                n_files += 1
+                if first_file is None:
+                    first_file = path
+
+        (dicom_root / "truncated.dcm").write_bytes(first_file.read_bytes()[:300])
+        (dicom_root / "notes.dcm").write_text(
+            "Export notes from the PACS admin: series re-sent after network timeout.\n"
+            "Check the slice count before research use.\n"
+        )
+        lines = ["accession,label"] + [
+            f"{p['accession']},{'hemorrhage' if p['label'] else 'normal'}" for p in patients
+        ]
+        (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
+        (tmp / "lesions.csv").write_text("\n".join(lesions) + "\n")
+        _commit(tmp, out_dir)
+    except BaseException:
+        _abort(tmp)
+        raise
+
+    pos = sum(p["label"] for p in patients)
+    summary = {
+        "out_dir": str(out_dir),
+        "patients": n_patients,
+        "slices": n_files,
+        "hemorrhage": pos,
+        "normal": n_patients - pos,
+        "sites": {s["name"]: sum(p["site"] is s for p in patients) for s in _SITES},
+        "bad_files": 2,
+        "labels": str(out_dir / "labels.csv"),
+        "base": base_desc,
+    }
+    log.info("brain-ct demo: %d patients, %d slices (%d hemorrhage) under %s",
+             n_patients, n_files, pos, out_dir)
+    return summary
+
+
+def _add_blob(hu: np.ndarray, blob: dict, k: int, slices: int, roll: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Add the hyperdense ellipse (soft 2-px edge), slightly smaller towards the series' ends;
+    returns the slice and its geometry as ``row,col,a,b,angle`` (pixels of the stored slice)."""
+    mid = (slices - 1) / 2
+    s = 1.0 - 0.15 * (abs(k - mid) / mid if mid > 0 else 0.0)
+    a, b = blob["a"] * s, blob["b"] * s
+    cy, cx = blob["cy"] + roll[0], blob["cx"] + roll[1]
+    pad = int(np.ceil(max(a, b))) + 3
+    y0, y1 = max(0, int(cy) - pad), min(hu.shape[0], int(cy) + pad + 1)
+    x0, x1 = max(0, int(cx) - pad), min(hu.shape[1], int(cx) + pad + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    c, si = np.cos(blob["theta"]), np.sin(blob["theta"])
+    u = ((yy - cy) * c + (xx - cx) * si) / a
+    v = (-(yy - cy) * si + (xx - cx) * c) / b
+    rho = np.sqrt(u * u + v * v)
+    w = np.clip((1.0 - rho) * min(a, b) / 2.0, 0.0, 1.0)
+    patch = hu[y0:y1, x0:x1]
+    soft = patch < 100  # do not brighten bone
+    hu = hu.copy()
+    hu[y0:y1, x0:x1] = np.where(soft, patch + w * blob["delta"], patch)
+    return hu, f"{cy:.1f},{cx:.1f},{a:.1f},{b:.1f},{np.degrees(blob['theta']):.1f}"

@@ -1,0 +1,516 @@
+"""Ingest: walk a source folder into a manifest; quarantine every file that cannot be used.
+
+Writes three files into ``out_dir`` (the PHI zone, see docs/architecture.md):
+
+* ``manifest.csv`` - one row per accepted file: ``path,kind,patient_id,study_uid,series_uid,
+  sop_uid,accession,modality,label,sex,age,site,rows,cols``;
+* ``identifiers.csv`` - ``patient_id,tag,value``: every identifying value seen in the accepted
+  DICOM headers (recursively through sequences and private tags), for the audit;
+* ``quarantine.csv`` - ``path,reason`` for every file that was not accepted.
+
+A file is accepted when it is a DICOM file with pixel data that decodes, or a PNG/JPEG/TIFF/BMP
+image that PIL can verify and load, and it has a label.  A bad file never stops the run: its
+reason (exception class and message, never a header value) goes to the quarantine list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import io
+import logging
+import os
+import re
+import warnings
+from pathlib import Path, PurePosixPath
+
+from haven.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["path", "kind", "patient_id", "study_uid", "series_uid", "sop_uid", "accession",
+                    "modality", "label", "sex", "age", "site", "rows", "cols"]
+IDENTIFIER_COLUMNS = ["patient_id", "tag", "value"]
+QUARANTINE_COLUMNS = ["path", "reason"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+LABEL_KEYS = ("accession", "patient_id", "path")
+NOT_SUPPORTED = "not DICOM or a supported image (png, jpg, jpeg, tif, tiff, bmp)"
+
+# identifying tags whose VR alone does not give them away (LO/SH/CS/IS/...)
+IDENTIFYING_KEYWORDS = {
+    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber", "PatientBirthDate",
+    "PatientBirthTime", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+    "MedicalRecordLocator", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "StationName", "DeviceSerialNumber", "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID",
+    "PerformedProcedureStepID", "AdmissionID", "ServiceEpisodeID", "FillerOrderNumberImagingServiceRequest",
+    "PlacerOrderNumberImagingServiceRequest", "PatientInsurancePlanCodeSequence", "MilitaryRank",
+    "BranchOfService", "RegionOfResidence", "CountryOfResidence", "PatientReligiousPreference",
+    "ResponsibleOrganization", "ResponsiblePerson", "DetectorID", "GantryID", "PlateID", "CassetteID",
+    "DeviceUID", "IssuerOfAdmissionIDSequence", "ConsultingPhysicianName", "PersonName",
+    "ContentCreatorName", "VerifyingObserverName", "ReviewerName",
+}
+# free text that may carry names (LT/ST/UT are taken whatever their tag)
+FREE_TEXT_KEYWORDS = {
+    "StudyDescription", "SeriesDescription", "ImageComments", "AdditionalPatientHistory",
+    "PatientComments", "RequestedProcedureDescription", "PerformedProcedureStepDescription",
+    "ScheduledProcedureStepDescription", "ReasonForStudy", "ReasonForTheRequestedProcedure",
+    "RequestedContrastAgent", "ProtocolName", "AcquisitionComments", "DerivationDescription",
+    "InterpretationText", "TextValue", "ContrastBolusAgent", "AdmittingDiagnosesDescription",
+    "Occupation", "MedicalAlerts", "Allergies", "ImagingServiceRequestComments",
+    "RequestedProcedureComments", "VisitComments", "DisplayName",
+}
+STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+              "UI", "UR", "UT"}
+TEXT_VRS = {"LT", "ST", "UT", "UC"}
+STANDARD_UID_ROOT = "1.2.840.10008."
+MIN_VALUE_CHARS = 3
+MAX_VALUE_CHARS = 1024  # a prefix is enough for the audit's substring search
+_DECIMAL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class _Quarantine(Exception):
+    """A file that cannot be accepted; the message is the (PHI-free) reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# labels
+
+
+def _load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple[dict, dict, str]:
+    """Read the label table: ({key: label}, {key: patient}, key field).  Raises ValueError."""
+    import pandas as pd
+
+    labels = Path(labels)
+    if not labels.is_file():
+        raise ValueError(f"labels file {labels} not found: fix `labels` in the config or create the file")
+    try:
+        table = pd.read_csv(labels, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            encoding="utf-8-sig")  # utf-8-sig: spreadsheets often add a BOM
+    except Exception as e:
+        raise ValueError(f"labels file {labels} cannot be read as CSV ({type(e).__name__}: {e})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if label_key is None:
+        first = table.columns[0] if len(table.columns) else ""
+        if first not in LABEL_KEYS:
+            raise ValueError(
+                f"labels file {labels}: no `label_key` given and its first column {first!r} is not "
+                f"one of {', '.join(LABEL_KEYS)}: set `label_key` in the config"
+            )
+        label_key = first
+    if label_key not in LABEL_KEYS:
+        raise ValueError(
+            f"label_key {label_key!r} for {labels} is not a manifest field it can be keyed by: "
+            f"use one of {', '.join(LABEL_KEYS)}"
+        )
+    for col, what in ((label_key, "label_key"), (label_column, "label_column")):
+        if col not in table.columns:
+            raise ValueError(
+                f"labels file {labels} has no column {col!r} (it has: {', '.join(table.columns) or 'none'}): "
+                f"add the column or set `{what}` in the config to the right column name"
+            )
+    keys = table[label_key].astype(str).str.strip()
+    if label_key == "path":
+        keys = keys.map(_norm_rel)
+    values = table[label_column].astype(str).str.strip()
+    patients = table["patient"].astype(str).str.strip() if "patient" in table.columns else None
+    out: dict[str, str] = {}
+    pat: dict[str, str] = {}
+    first_row: dict[str, int] = {}
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if not k or not v:
+            continue
+        if k in out and out[k] != v:
+            raise ValueError(
+                f"labels file {labels}: rows {first_row[k] + 2} and {i + 2} give the same "
+                f"{label_key} different labels: keep one row per {label_key}"
+            )
+        out[k] = v
+        first_row.setdefault(k, i)
+        if patients is not None and patients.iloc[i]:
+            pat[k] = patients.iloc[i]
+    return out, pat, label_key
+
+
+def _norm_rel(p: str) -> str:
+    p = p.replace("\\", "/").strip()
+    while p.startswith("./"):
+        p = p[2:]
+    return str(PurePosixPath(p)) if p else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading one file
+
+
+def _reason(e: BaseException, path: Path) -> str:
+    """Exception class + message, without the file's absolute path, on one short line."""
+    msg = str(e)
+    for s in {str(path), repr(str(path)), str(path.resolve())}:
+        msg = msg.replace(s, "<file>")
+    msg = " ".join(msg.split())
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM stream without preamble starts with a group 0002 or 0008 tag (either byte order)."""
+    if len(head) < 8:
+        return False
+    le = int.from_bytes(head[:2], "little")
+    be = int.from_bytes(head[:2], "big")
+    return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
+
+
+def _read_dicom(path: Path, has_preamble: bool, check_pixels: bool):
+    import pydicom
+    from pydicom import uid
+
+    ds = pydicom.dcmread(path, force=not has_preamble)
+    if not has_preamble and not ("SOPClassUID" in ds or "PatientID" in ds):
+        raise _Quarantine(NOT_SUPPORTED)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # no file meta (bare dataset): the reader detected the encoding; name it so pixels decode
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is not None:
+            ds.file_meta.TransferSyntaxUID = (
+                uid.ImplicitVRLittleEndian if implicit
+                else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+            )
+    if len(ds) == 0:
+        raise _Quarantine("DICOM file with no data elements after the header (truncated or empty)")
+    if "PixelData" not in ds:
+        raise _Quarantine("no pixel data")
+    for kw in ("Rows", "Columns"):
+        if not ds.get(kw):
+            raise _Quarantine(f"pixel data without {kw}")
+    if check_pixels:
+        try:
+            ds.pixel_array  # noqa: B018 - decode once so that unreadable pixels are caught here
+        except Exception as e:
+            raise _Quarantine(f"pixel data cannot be decoded: {_reason(e, path)}") from None
+    return ds
+
+
+def _read_image(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:  # verify() leaves the image unusable: reopen and decode fully
+        im.load()
+        cols, rows = im.size
+    return rows, cols
+
+
+# ---------------------------------------------------------------------------------------------
+# header fields
+
+
+def _text(ds, kw: str) -> str:
+    v = ds.get(kw, "")
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        v = "\\".join(str(x) for x in v)
+    return str(v).strip()
+
+
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+
+
+def _age_years(ds) -> str:
+    m = _AGE.match(_text(ds, "PatientAge"))
+    if m:
+        n, unit = int(m.group(1)), (m.group(2) or "Y").upper()
+        years = {"Y": n, "M": n / 12, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
+        return _fmt_num(years)
+    birth = _date(_text(ds, "PatientBirthDate"))
+    if birth is None:
+        return ""
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        when = _date(_text(ds, kw))
+        if when is not None and when >= birth:
+            years = when.year - birth.year - ((when.month, when.day) < (birth.month, birth.day))
+            return _fmt_num(years)
+    return ""
+
+
+def _date(s: str) -> dt.date | None:
+    s = s.strip().replace(".", "").replace("-", "")
+    if len(s) < 8 or not s[:8].isdigit():
+        return None
+    try:
+        return dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+    except ValueError:
+        return None
+
+
+def _fmt_num(x: float) -> str:
+    x = round(float(x), 2)
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# identifiers
+
+
+def _tag_name(elem) -> str:
+    if elem.tag.is_private or not elem.keyword:
+        return f"({elem.tag.group:04X},{elem.tag.element:04X})"
+    return elem.keyword
+
+
+def _strings(elem) -> list[str]:
+    """The element's value(s) as strings (bytes of UN elements only when they are printable text)."""
+    v = elem.value
+    if v is None:
+        return []
+    if isinstance(v, (bytes, bytearray)):
+        if elem.VR != "UN" or len(v) > 4096:
+            return []
+        try:
+            text = bytes(v).rstrip(b"\x00 ").decode("utf-8")
+        except UnicodeDecodeError:
+            try:
+                text = bytes(v).rstrip(b"\x00 ").decode("latin-1")
+            except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+                return []
+        if not text or not all(c.isprintable() or c in "\r\n\t" for c in text):
+            return []
+        return [p for p in text.split("\\")]
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return [str(x) for x in v if x is not None]
+    return [str(v)]
+
+
+def _identifying(elem) -> bool:
+    vr = elem.VR
+    tag = elem.tag
+    if tag.is_private:
+        return not tag.is_private_creator and (vr in STRING_VRS - {"DS", "IS"} or vr == "UN")
+    kw = elem.keyword
+    if vr in ("PN", "DA", "DT") or vr in TEXT_VRS:
+        return True
+    if vr == "UI":
+        return True  # filtered by value below (standard UIDs are not identifying)
+    return kw in IDENTIFYING_KEYWORDS or kw in FREE_TEXT_KEYWORDS
+
+
+def _walk(ds, prefix: str = ""):
+    """Yield (tag path, value) for every identifying value, recursively through sequences."""
+    for tag in list(ds.keys()):
+        if tag.group == 0x0002 or tag.group == 0x7FE0:
+            continue
+        try:
+            elem = ds[tag]  # converting a raw element may fail on a malformed value
+            name = prefix + _tag_name(elem)
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value or []):
+                    yield from _walk(item, f"{name}[{i}].")
+                continue
+            if not _identifying(elem):
+                continue
+            for value in _strings(elem):
+                value = value.strip().strip("\x00").strip()
+                if len(value) < MIN_VALUE_CHARS:
+                    continue
+                if elem.VR == "UI" and value.startswith(STANDARD_UID_ROOT):
+                    continue
+                if elem.tag.is_private and _DECIMAL.match(value):
+                    continue  # vendor measurements (1.016600): numbers, not identifiers
+                yield name, value[:MAX_VALUE_CHARS]
+        except Exception:  # an unparsable element: skip it, keep walking
+            continue
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _iter_files(source: Path, skip: Path | None):
+    """(path, relative posix path, symlink problem or None), sorted, hidden names skipped."""
+    root = source.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+        here = Path(dirpath)
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            full = here / d
+            if skip is not None and full.resolve() == skip:
+                continue
+            if full.is_symlink():
+                found.append((full, "symbolic link to a folder: not followed"))
+                continue
+            keep.append(d)
+        dirnames[:] = sorted(keep)
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            full = here / f
+            problem = None
+            if full.is_symlink():
+                try:
+                    target = full.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    problem = "broken symbolic link"
+                else:
+                    if not target.is_relative_to(root):
+                        problem = "symbolic link to a file outside the source: not followed"
+                    elif not target.is_file():
+                        problem = "symbolic link to something that is not a file"
+            elif not full.is_file():
+                problem = "not a regular file"
+            found.append((full, problem))
+    rows = [(p, p.relative_to(source).as_posix(), problem) for p, problem in found]
+    rows.sort(key=lambda r: r[1])
+    return rows
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Silence pydicom's warnings and log records: they may quote header values (PHI)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: str | None = None,
+           label_column: str = "label", *, check_pixels: bool = True) -> dict:
+    """Walk ``source`` into ``out_dir/{manifest,identifiers,quarantine}.csv``.
+
+    Labels: without a label table every file's label is the name of its parent folder (the
+    class subfolder); files directly in ``source`` are quarantined.  With ``labels`` (a CSV),
+    ``label_key`` names the manifest field it is keyed by (``accession``, ``patient_id`` or
+    ``path``; by default the table's first column if it is one of these) and ``label_column``
+    the label; a file without a label row is quarantined.  An optional ``patient`` column
+    gives images their patient id.  ``check_pixels`` decodes every DICOM's pixel data once so
+    that undecodable files are quarantined here rather than later.
+
+    Returns ``{"files", "accepted", "quarantined", "patients"}``.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.is_dir():
+        raise ValueError(f"source {source} is not a folder: fix `source` in the config")
+    table = pat_table = None
+    key_field = None
+    labels_name = ""
+    if labels is not None:
+        table, pat_table, key_field = _load_labels(Path(labels), label_key, label_column)
+        labels_name = Path(labels).name
+    skip = out_dir.resolve() if out_dir.resolve().is_relative_to(source.resolve()) else None
+
+    manifest: list[dict] = []
+    quarantine: list[dict] = []
+    identifiers: list[dict] = []
+    seen_ids: set[tuple[str, str, str]] = set()
+    seen_sops: dict[str, str] = {}
+
+    with _quiet_pydicom():
+        for path, rel, problem in _iter_files(source, skip):
+            try:
+                if problem:
+                    raise _Quarantine(problem)
+                row, ids = _one(path, rel, check_pixels)
+                # label
+                if table is None:
+                    parent = PurePosixPath(rel).parent
+                    if str(parent) in ("", "."):
+                        raise _Quarantine(
+                            "no label: the file is not in a class folder and no labels table was given"
+                        )
+                    row["label"] = parent.name
+                else:
+                    key = row[key_field] if key_field != "path" else _norm_rel(rel)
+                    if not key:
+                        raise _Quarantine(f"no {key_field} in the file to look up its label in {labels_name}")
+                    if key not in table:
+                        raise _Quarantine(f"no label for this file in {labels_name}")
+                    row["label"] = table[key]
+                    if row["kind"] == "image" and key in pat_table:
+                        row["patient_id"] = pat_table[key]
+                        ids.append(("labels:patient", pat_table[key]))
+                sop = row["sop_uid"]
+                if sop and sop in seen_sops:
+                    # the same instance twice (a copy, a link): downstream names derive from its UID
+                    raise _Quarantine(f"duplicate: same SOPInstanceUID as {seen_sops[sop]}")
+                if sop:
+                    seen_sops[sop] = rel
+            except _Quarantine as q:
+                quarantine.append({"path": rel, "reason": str(q)})
+                continue
+            except Exception as e:  # never crash on one file
+                quarantine.append({"path": rel, "reason": _reason(e, path)})
+                continue
+            manifest.append(row)
+            pid = row["patient_id"]
+            for tag, value in ids:
+                if (pid, tag, value) not in seen_ids:
+                    seen_ids.add((pid, tag, value))
+                    identifiers.append({"patient_id": pid, "tag": tag, "value": value})
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "manifest.csv", _csv(MANIFEST_COLUMNS, manifest))
+    atomic_write_text(out_dir / "identifiers.csv", _csv(IDENTIFIER_COLUMNS, identifiers))
+    atomic_write_text(out_dir / "quarantine.csv", _csv(QUARANTINE_COLUMNS, quarantine))
+
+    summary = {
+        "files": len(manifest) + len(quarantine),
+        "accepted": len(manifest),
+        "quarantined": len(quarantine),
+        "patients": len({r["patient_id"] for r in manifest}),
+    }
+    log.info("ingest %s: %d files, %d accepted, %d quarantined, %d patients", source,
+             summary["files"], summary["accepted"], summary["quarantined"], summary["patients"])
+    return summary
+
+
+def _one(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tuple[str, str]]]:
+    """Read one file: (manifest row without label, identifiers) or raise."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    suffix = path.suffix.lower()
+    if has_preamble or (suffix not in IMAGE_SUFFIXES and _looks_like_bare_dicom(head)):
+        ds = _read_dicom(path, has_preamble, check_pixels)
+        row = {
+            "path": rel,
+            "kind": "dicom",
+            "patient_id": _text(ds, "PatientID") or _text(ds, "StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
+            "study_uid": _text(ds, "StudyInstanceUID"),
+            "series_uid": _text(ds, "SeriesInstanceUID"),
+            "sop_uid": _text(ds, "SOPInstanceUID"),
+            "accession": _text(ds, "AccessionNumber"),
+            "modality": _text(ds, "Modality"),
+            "label": "",
+            "sex": _text(ds, "PatientSex").upper(),
+            "age": _age_years(ds),
+            "site": _text(ds, "InstitutionName"),
+            "rows": int(ds.Rows),
+            "cols": int(ds.Columns),
+        }
+        return row, list(_walk(ds))
+    if suffix in IMAGE_SUFFIXES:
+        rows, cols = _read_image(path)
+        row = {k: "" for k in MANIFEST_COLUMNS}
+        row.update(path=rel, kind="image", patient_id=str(PurePosixPath(rel).with_suffix("")),
+                   rows=rows, cols=cols)
+        return row, []
+    raise _Quarantine(NOT_SUPPORTED)

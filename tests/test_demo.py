@@ -1,0 +1,266 @@
+"""Demo data: digits in class folders, and a DICOM brain-CT project with PHI and a learnable blob."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from haven import demo
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "digits"
+    return out, demo.make_digits(out)
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "brain-ct"
+    return out, demo.make_brain_ct(out)
+
+
+def _series(root: Path) -> dict[str, list[pydicom.Dataset]]:
+    """PatientID folder -> datasets of its slices, in InstanceNumber order."""
+    out = {}
+    for pdir in sorted(p for p in (root / "dicom").iterdir() if p.is_dir()):
+        files = sorted(pdir.rglob("*.dcm"), key=lambda f: int(f.stem))
+        out[pdir.name] = [pydicom.dcmread(f) for f in files]
+    return out
+
+
+def _labels(root: Path) -> dict[str, str]:
+    with open(root / "labels.csv", newline="") as fh:
+        return {r["accession"]: r["label"] for r in csv.DictReader(fh)}
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_class_folders_and_counts(digits):
+    from sklearn.datasets import load_digits
+
+    out, summary = digits
+    expected = np.bincount(load_digits().target, minlength=10)
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == [str(i) for i in range(10)]
+    for cls in range(10):
+        good = [p for p in (out / str(cls)).glob("*.png") if p.name != "corrupt.png"]
+        assert len(good) == expected[cls]
+    assert summary["images"] == 1797 == sum(summary["per_class"].values())
+    assert summary["classes"] == 10
+
+
+def test_digits_pixels_are_scaled_8bit_gray(digits):
+    from sklearn.datasets import load_digits
+
+    out, _ = digits
+    d = load_digits()
+    for i in (0, 100, 1796):
+        with Image.open(out / str(d.target[i]) / f"{i:04d}.png") as im:
+            assert im.mode == "L" and im.size == (8, 8)
+            a = np.asarray(im)
+        np.testing.assert_array_equal(a, np.rint(d.images[i] * 255 / 16).astype(np.uint8))
+    full_ink = int(np.argmax(d.images.max(axis=(1, 2)) == 16))  # a digit with value 16 -> 255
+    with Image.open(out / str(d.target[full_ink]) / f"{full_ink:04d}.png") as im:
+        assert np.asarray(im).max() == 255
+
+
+def test_digits_plants_exactly_one_corrupt_png(digits):
+    out, _ = digits
+    bad = []
+    for p in sorted(out.rglob("*.png")):
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception:
+            bad.append(p.relative_to(out).as_posix())
+    assert bad == ["3/corrupt.png"]
+    assert not (out / "README.txt").exists()
+
+
+def test_digits_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    demo.make_digits(a, seed=1)
+    demo.make_digits(b, seed=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# brain CT: files and headers
+
+
+def test_brain_ct_layout_and_dicom_validity(brain):
+    out, summary = brain
+    series = _series(out)
+    assert len(series) == 24 and summary["patients"] == 24 and summary["slices"] == 144
+    for pid, slices in series.items():
+        assert len(slices) == 6
+        for k, ds in enumerate(slices):
+            assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage == ds.SOPClassUID
+            assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+            assert ds.preamble is not None
+            assert ds.PatientID == pid  # folder named after the (identifying) PatientID
+            assert ds.InstanceNumber == k + 1
+            assert ds.Modality == "CT" and (ds.Rows, ds.Columns) == (512, 512)
+            assert ds.PixelRepresentation == 0 and ds.BitsAllocated == 16
+            assert ds.pixel_array.dtype == np.uint16
+            assert float(ds.ImagePositionPatient[2]) == float(ds.SliceLocation)
+    # two of the slices only, decoded against the header's rescale
+    ds = series[next(iter(series))][0]
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    assert hu.min() >= -1024 and 1000 < hu.max() <= 3071  # air .. bone
+
+
+def test_brain_ct_uids(brain):
+    out, _ = brain
+    series = _series(out)
+    sops, studies = set(), set()
+    for slices in series.values():
+        assert len({ds.StudyInstanceUID for ds in slices}) == 1
+        assert len({ds.SeriesInstanceUID for ds in slices}) == 1
+        assert len({ds.FrameOfReferenceUID for ds in slices}) == 1
+        studies.add(slices[0].StudyInstanceUID)
+        sops.update(ds.SOPInstanceUID for ds in slices)
+        first = slices[0].SOPInstanceUID
+        assert "ReferencedImageSequence" not in slices[0]
+        for ds in slices[1:]:
+            assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == first
+        req = slices[0].RequestAttributesSequence[0]
+        assert req.ReferencedStudySequence[0].ReferencedSOPInstanceUID == slices[0].StudyInstanceUID
+        assert req.RequestedProcedureID == slices[0].AccessionNumber
+    assert len(studies) == 24 and len(sops) == 144
+
+
+def test_brain_ct_phi_is_distinct_and_realistic(brain):
+    out, _ = brain
+    series = _series(out)
+    firsts = [s[0] for s in series.values()]
+    for kw in ("PatientName", "PatientID", "AccessionNumber", "OtherPatientIDs", "StudyInstanceUID"):
+        assert len({str(ds.get(kw)) for ds in firsts}) == 24, kw
+    for ds in firsts:
+        family, given = str(ds.PatientName).split("^")[:2]
+        assert given.title() in ds.ImageComments and family.title() in ds.ImageComments
+        block = ds.private_block(0x0009, "HAVEN_DEMO")
+        assert block[0x10].value == ds.PatientID
+        assert family in block[0x11].value
+        assert str(ds.RequestAttributesSequence[0].RequestingPhysician).count("^") >= 1
+        assert ds.ReferringPhysicianName and ds.PerformingPhysicianName and ds.OperatorsName
+        assert ds.InstitutionName and ds.InstitutionAddress and ds.StationName
+        # age consistent with birth date and study date, 20-90
+        birth = dt.datetime.strptime(ds.PatientBirthDate, "%Y%m%d").date()
+        study = dt.datetime.strptime(ds.StudyDate, "%Y%m%d").date()
+        years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+        assert ds.PatientAge == f"{years:03d}Y" and 20 <= years <= 90
+    assert {ds.PatientSex for ds in firsts} == {"M", "F"}
+    sites = {ds.InstitutionName for ds in firsts}
+    assert len(sites) == 3
+    model = defaultdict(set)
+    for ds in firsts:
+        model[ds.InstitutionName].add(ds.ManufacturerModelName)
+    assert all(len(m) == 1 for m in model.values()) and len(set().union(*model.values())) == 3
+
+
+def test_brain_ct_labels_balanced_and_not_confounded(brain):
+    out, summary = brain
+    labels = _labels(out)
+    series = _series(out)
+    firsts = [s[0] for s in series.values()]
+    assert set(labels) == {ds.AccessionNumber for ds in firsts}
+    assert sorted(labels.values()).count("hemorrhage") == 12 == sorted(labels.values()).count("normal")
+    assert summary["hemorrhage"] == 12
+    for attr in ("InstitutionName", "PatientSex"):
+        by_group = defaultdict(set)
+        for ds in firsts:
+            by_group[str(ds.get(attr))].add(labels[ds.AccessionNumber])
+        assert all(v == {"hemorrhage", "normal"} for v in by_group.values()), attr
+
+
+def test_brain_ct_blob_is_visible(brain):
+    """The hemorrhage is ~65-85 HU inside the brain and survives 512->64 downsampling in W80/L40."""
+    out, _ = brain
+    labels = _labels(out)
+    series = _series(out)
+    with open(out / "lesions.csv", newline="") as fh:
+        lesions = list(csv.DictReader(fh))
+    positives = {a for a, v in labels.items() if v == "hemorrhage"}
+    assert {r["accession"] for r in lesions} == positives
+    assert len(lesions) == 12 * 6  # on every slice of every positive patient
+    by_acc = {s[0].AccessionNumber: s for s in series.values()}
+    negative = next(s for a, s in by_acc.items() if labels[a] == "normal")
+    yy, xx = np.mgrid[0:512, 0:512]
+    for r in lesions:
+        k = int(r["instance"]) - 1
+        ds = by_acc[r["accession"]][k]
+        a, b = float(r["semi_axis_a"]), float(r["semi_axis_b"])
+        assert 12 <= b <= a <= 40
+        th = np.deg2rad(float(r["angle_deg"]))
+        dy, dx = yy - float(r["row"]), xx - float(r["col"])
+        u = (dy * np.cos(th) + dx * np.sin(th)) / a
+        v = (-dy * np.sin(th) + dx * np.cos(th)) / b
+        core = u * u + v * v <= 0.5**2
+        hu_pos = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+        neg = negative[k]
+        hu_neg = pydicom.pixels.apply_modality_lut(neg.pixel_array, neg)
+        assert 55 <= hu_pos[core].mean() <= 100
+        assert hu_pos[core].mean() > np.median(hu_neg[core]) + 20
+    # downsampled brain window: the blob's 8x8 block is near white, clearly above the brain around it
+    r = lesions[0]
+    ds = by_acc[r["accession"]][int(r["instance"]) - 1]
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    win = np.clip((hu - 0.0) / 80.0, 0, 1)
+    small = win.reshape(64, 8, 64, 8).mean(axis=(1, 3))
+    cy, cx = int(float(r["row"]) // 8), int(float(r["col"]) // 8)
+    assert small[cy, cx] > 0.75
+    brain_gray = np.median(win[(hu > 20) & (hu < 50)])
+    assert small[cy, cx] - brain_gray > 0.25
+
+
+def test_brain_ct_planted_bad_files(brain):
+    out, summary = brain
+    trunc, notes = out / "dicom" / "truncated.dcm", out / "dicom" / "notes.dcm"
+    assert len(trunc.read_bytes()) == 300 and trunc.read_bytes()[128:132] == b"DICM"
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(notes)
+    assert summary["bad_files"] == 2
+
+
+def test_brain_ct_deterministic_and_seeded(tmp_path):
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a = files(_make(tmp_path / "a", seed=3))
+    b = files(_make(tmp_path / "b", seed=3))
+    c = files(_make(tmp_path / "c", seed=4))
+    assert a == b
+    assert a != c
+    assert sum(k.endswith(".dcm") for k in a) == 4 * 2 + 2
+
+
+def _make(out, seed):
+    demo.make_brain_ct(out, n_patients=4, slices=2, seed=seed)
+    return out
+
+
+def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("do not delete")
+    with pytest.raises(ValueError, match="not written by `haven demo`"):
+        demo.make_brain_ct(tmp_path / "mine", n_patients=2, slices=1)
+    assert (tmp_path / "mine" / "precious.txt").exists()
+    # a folder the demo wrote is replaced cleanly (no stale patients)
+    out = _make(tmp_path / "again", seed=0)
+    demo.make_brain_ct(out, n_patients=2, slices=1, seed=0)
+    assert len([p for p in (out / "dicom").iterdir() if p.is_dir()]) == 2
+    assert not list(tmp_path.glob(".again*"))  # no temporary folders left behind
