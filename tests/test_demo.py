@@ -103,9 +103,9 @@ def test_digits_deterministic(tmp_path):
 def test_brain_ct_layout_and_dicom_validity(brain):
     out, summary = brain
     series = _series(out)
-    assert len(series) == 24 and summary["patients"] == 24 and summary["slices"] == 144
+    assert len(series) == 60 and summary["patients"] == 60 and summary["slices"] == 240
     for pid, slices in series.items():
-        assert len(slices) == 6
+        assert len(slices) == 4
         for k, ds in enumerate(slices):
             assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
             assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage == ds.SOPClassUID
@@ -140,7 +140,7 @@ def test_brain_ct_uids(brain):
         req = slices[0].RequestAttributesSequence[0]
         assert req.ReferencedStudySequence[0].ReferencedSOPInstanceUID == slices[0].StudyInstanceUID
         assert req.RequestedProcedureID == slices[0].AccessionNumber
-    assert len(studies) == 24 and len(sops) == 144
+    assert len(studies) == 60 and len(sops) == 240
 
 
 def test_brain_ct_phi_is_distinct_and_realistic(brain):
@@ -148,7 +148,7 @@ def test_brain_ct_phi_is_distinct_and_realistic(brain):
     series = _series(out)
     firsts = [s[0] for s in series.values()]
     for kw in ("PatientName", "PatientID", "AccessionNumber", "OtherPatientIDs", "StudyInstanceUID"):
-        assert len({str(ds.get(kw)) for ds in firsts}) == 24, kw
+        assert len({str(ds.get(kw)) for ds in firsts}) == 60, kw
     for ds in firsts:
         family, given = str(ds.PatientName).split("^")[:2]
         assert given.title() in ds.ImageComments and family.title() in ds.ImageComments
@@ -178,8 +178,8 @@ def test_brain_ct_labels_balanced_and_not_confounded(brain):
     series = _series(out)
     firsts = [s[0] for s in series.values()]
     assert set(labels) == {ds.AccessionNumber for ds in firsts}
-    assert sorted(labels.values()).count("hemorrhage") == 12 == sorted(labels.values()).count("normal")
-    assert summary["hemorrhage"] == 12
+    assert sorted(labels.values()).count("hemorrhage") == 30 == sorted(labels.values()).count("normal")
+    assert summary["hemorrhage"] == 30
     for attr in ("InstitutionName", "PatientSex"):
         by_group = defaultdict(set)
         for ds in firsts:
@@ -196,7 +196,7 @@ def test_brain_ct_blob_is_visible(brain):
         lesions = list(csv.DictReader(fh))
     positives = {a for a, v in labels.items() if v == "hemorrhage"}
     assert {r["accession"] for r in lesions} == positives
-    assert len(lesions) == 12 * 6  # on every slice of every positive patient
+    assert len(lesions) == 30 * 4  # on every slice of every positive patient
     by_acc = {s[0].AccessionNumber: s for s in series.values()}
     negative = next(s for a, s in by_acc.items() if labels[a] == "normal")
     yy, xx = np.mgrid[0:512, 0:512]

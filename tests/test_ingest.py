@@ -91,7 +91,7 @@ def test_digits_ingest(digits):
 
 def test_brain_ingest_accepts_good_slices_and_labels_by_accession(brain):
     demo_dir, out, summary = brain
-    assert summary == {"files": 146, "accepted": 144, "quarantined": 2, "patients": 24}
+    assert summary == {"files": 242, "accepted": 240, "quarantined": 2, "patients": 60}
     rows = _read(out / "manifest.csv")
     labels = {r["accession"]: r["label"] for r in _read(demo_dir / "labels.csv")}
     for r in rows:
@@ -105,7 +105,7 @@ def test_brain_ingest_accepts_good_slices_and_labels_by_accession(brain):
     assert (one["patient_id"], one["study_uid"], one["series_uid"], one["sop_uid"]) == (
         ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     assert one["age"] == str(int(ds.PatientAge[:3])) and one["site"] == ds.InstitutionName
-    assert len({r["sop_uid"] for r in rows}) == 144
+    assert len({r["sop_uid"] for r in rows}) == 240
 
 
 def test_brain_ingest_quarantines_planted_files(brain):
@@ -169,10 +169,10 @@ def test_missing_label_row_quarantines_that_patients_files(tmp_path, brain):
     table = tmp_path / "my_labels.csv"
     table.write_text("accession,label\n" + "".join(f"{r['accession']},{r['label']}\n" for r in rows[1:]))
     summary = ingest(demo_dir / "dicom", tmp_path / "out", labels=table, label_key="accession")
-    assert summary["accepted"] == 138 and summary["quarantined"] == 8 and summary["patients"] == 23
+    assert summary["accepted"] == 236 and summary["quarantined"] == 6 and summary["patients"] == 59
     q = _read(tmp_path / "out" / "quarantine.csv")
     unlabeled = [r for r in q if r["reason"] == "no label for this file in my_labels.csv"]
-    assert len(unlabeled) == 6
+    assert len(unlabeled) == 4
     assert all(dropped not in r["reason"] for r in q)  # the key itself is not echoed
     assert dropped not in {r["accession"] for r in _read(tmp_path / "out" / "manifest.csv")}
 

@@ -400,7 +400,7 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     return ds
 
 
-def make_brain_ct(out_dir: Path, n_patients: int = 24, slices: int = 6, seed: int = 0) -> dict:
+def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: int = 0) -> dict:
     """Write a synthetic "brain hemorrhage" DICOM CT project under ``out_dir``.
 
     ``out_dir/dicom/<PatientID>/<StudyDate>_<Accession>/<InstanceNumber>.dcm``: one study with

@@ -154,7 +154,7 @@ def _client(workers: int):
     from dask.distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.WARNING)
+                           dashboard_address=":0", silence_logs=logging.WARNING)
     return Client(cluster)
 
 
