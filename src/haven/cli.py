@@ -63,7 +63,8 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     summary = demo.make_digits(out, seed=args.seed) if args.name == "digits" else demo.make_brain_ct(out, seed=args.seed)
-    print(json.dumps(summary, default=str))
+    # counts only: the demo's details (sites, names) are the kind of PHI a log must not carry
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
     return 0
 
 
