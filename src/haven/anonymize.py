@@ -58,7 +58,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from haven import keys
-from haven.io import atomic_write_text
+from haven.io import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
 
@@ -775,14 +775,6 @@ def _read_manifest(path: Path) -> list[dict]:
         return [dict(r) for r in csv.DictReader(fh)]
 
 
-def _csv_text(columns: list[str], rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def _is_inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -874,9 +866,9 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
                          "actions": changed})
 
     _remove_stale(data_dir, set(produced))
-    atomic_write_text(out_dir / "manifest.csv", _csv_text(MANIFEST_COLUMNS, manifest))
-    atomic_write_text(out_dir / "anonymization.log.csv", _csv_text(LOG_COLUMNS, log_rows))
-    atomic_write_text(out_dir / "quarantine.csv", _csv_text(QUARANTINE_COLUMNS, quarantine))
+    atomic_write_text(out_dir / "manifest.csv", csv_text(MANIFEST_COLUMNS, manifest))
+    atomic_write_text(out_dir / "anonymization.log.csv", csv_text(LOG_COLUMNS, log_rows))
+    atomic_write_text(out_dir / "quarantine.csv", csv_text(QUARANTINE_COLUMNS, quarantine))
     summary = {"inputs": len(rows), "anonymized": len(manifest), "quarantined": len(quarantine)}
     log.info("anonymize: %(inputs)d inputs, %(anonymized)d anonymized, %(quarantined)d quarantined",
              summary)

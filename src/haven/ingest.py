@@ -16,16 +16,14 @@ reason (exception class and message, never a header value) goes to the quarantin
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
-import io
 import logging
 import os
 import re
 import warnings
 from pathlib import Path, PurePosixPath
 
-from haven.io import atomic_write_text
+from haven.io import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
 
@@ -384,14 +382,6 @@ def _quiet_pydicom():
             logger.setLevel(level)
 
 
-def _csv(columns: list[str], rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: str | None = None,
            label_column: str = "label", *, check_pixels: bool = True) -> dict:
     """Walk ``source`` into ``out_dir/{manifest,identifiers,quarantine}.csv``.
@@ -467,9 +457,9 @@ def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: s
                     identifiers.append({"patient_id": pid, "tag": tag, "value": value})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "manifest.csv", _csv(MANIFEST_COLUMNS, manifest))
-    atomic_write_text(out_dir / "identifiers.csv", _csv(IDENTIFIER_COLUMNS, identifiers))
-    atomic_write_text(out_dir / "quarantine.csv", _csv(QUARANTINE_COLUMNS, quarantine))
+    atomic_write_text(out_dir / "manifest.csv", csv_text(MANIFEST_COLUMNS, manifest))
+    atomic_write_text(out_dir / "identifiers.csv", csv_text(IDENTIFIER_COLUMNS, identifiers))
+    atomic_write_text(out_dir / "quarantine.csv", csv_text(QUARANTINE_COLUMNS, quarantine))
 
     summary = {
         "files": len(manifest) + len(quarantine),
