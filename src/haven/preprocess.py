@@ -251,7 +251,6 @@ def preprocess(anon_dir: Path, out_dir: Path, params: dict, seed: int = 42) -> d
         "per_class": counts,
         "data_manifest_hash": file_hash(anon_dir / "manifest.csv"),
     }
-    manifest[["file", "patient", "label", "split"]].to_csv(out_dir / "splits.csv.tmp", index=False)
-    (out_dir / "splits.csv.tmp").replace(out_dir / "splits.csv")
+    atomic_write_text(out_dir / "splits.csv", manifest[["file", "patient", "label", "split"]].to_csv(index=False))
     atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2))
     return stats
