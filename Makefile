@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint report install clean
+.PHONY: demo test lint report install system clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml requirements.txt
 
 install: $(STAMP)
 
+# Slurm, MUNGE and Chromium for the Slurm and browser tests (skipped without them); needs root
+system:
+	.ci/system-setup
+
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --report results/report.html
 	@echo "Report: results/report.html   MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath results)/mlflow/mlflow.db"
 
-test: $(STAMP)
+test: $(STAMP) system
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -58,4 +58,7 @@ def source_inputs(wildcards):
 
 
 def all_outputs():
-    return expand(P("report/index.html"), project=PROJECTS)
+    outputs = expand(P("report/index.html"), project=PROJECTS)
+    if config["register_models"]:
+        outputs += expand(P("track/registered.json"), project=PROJECTS)
+    return outputs + [f"{R}/compare.csv"]

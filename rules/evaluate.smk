@@ -1,18 +1,37 @@
 rule evaluate:
-    """Held-out test split: metrics, confusion matrix and ROC, logged to the train run."""
+    """Held-out test split: metrics with bootstrap CIs, calibration, subgroup audit, Grad-CAM/IG with
+    the randomization check, FGSM/PGD robustness; all logged to the train run in MLflow."""
     input:
         model=P("train/model.pt"),
         run=P("train/run.json"),
         test=P("preprocess/test.zarr"),
+        val=P("preprocess/val.zarr"),
         stats=P("preprocess/stats.json"),
     output:
         metrics=P("evaluate/metrics.json"),
-        confusion=report(P("evaluate/confusion.png"), caption="../workflow/report/confusion.rst",
-                         category="3. Evaluation", labels={"project": "{project}", "artefact": "confusion"}),
+        subgroups_table=P("evaluate/subgroups.csv"),
+        confusion=report(P("evaluate/confusion.png"), caption="../workflow/report/confusion.rst", category="3. Evaluation",
+            labels={"project": "{project}", "artefact": "confusion"}),
         roc=report(P("evaluate/roc.png"), caption="../workflow/report/roc.rst", category="3. Evaluation",
-                   labels={"project": "{project}", "artefact": "roc"}),
+            labels={"project": "{project}", "artefact": "roc"}),
+        pr=report(P("evaluate/pr.png"), caption="../workflow/report/pr.rst", category="3. Evaluation",
+            labels={"project": "{project}", "artefact": "pr"}),
+        reliability=report(P("evaluate/reliability.png"), caption="../workflow/report/reliability.rst", category="4. Calibration",
+            labels={"project": "{project}", "artefact": "reliability"}),
+        subgroups=report(P("evaluate/subgroups.png"), caption="../workflow/report/subgroups.rst", category="5. Bias",
+            labels={"project": "{project}", "artefact": "subgroups"}),
+        gradcam=report(P("evaluate/gradcam.png"), caption="../workflow/report/gradcam.rst", category="6. Interpretability",
+            labels={"project": "{project}", "artefact": "gradcam"}),
+        integrated_gradients=report(P("evaluate/integrated_gradients.png"), caption="../workflow/report/integrated_gradients.rst", category="6. Interpretability",
+            labels={"project": "{project}", "artefact": "integrated gradients"}),
+        robustness=report(P("evaluate/robustness.png"), caption="../workflow/report/robustness.rst", category="7. Robustness",
+            labels={"project": "{project}", "artefact": "robustness"}),
     params:
         settings=settings("evaluate"),
+    threads: lambda w: project(w)["evaluate"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
     log:
         P("logs/evaluate.log"),
     benchmark:

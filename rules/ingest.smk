@@ -1,5 +1,5 @@
 rule demo_data:
-    """Generate a demo dataset from installed packages (scikit-learn digits, deid-data CT)."""
+    """Generate a demo dataset from installed packages (scikit-learn digits, pydicom head CT)."""
     output:
         directory(f"{DEMO_ROOT}/{{demo}}"),
     log:

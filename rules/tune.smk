@@ -1,5 +1,6 @@
 rule tune:
-    """Ray Tune (ASHA + Optuna) over the project's search space; MLflow parent + child runs."""
+    """Ray Tune (ASHA + Optuna) over the project's search space; MLflow parent + child runs.
+    Trials checkpoint every epoch; an interrupted search resumes (Tuner.restore)."""
     input:
         train=P("preprocess/train.zarr"),
         val=P("preprocess/val.zarr"),
@@ -7,6 +8,7 @@ rule tune:
     output:
         best=P("tune/best_config.yaml"),
         trials=P("tune/trials.csv"),
+        history=P("tune/history.csv"),
         plot=report(P("tune/search.png"), caption="../workflow/report/search.rst", category="2. Search",
                     labels={"project": "{project}", "artefact": "search"}),
     params:
@@ -15,6 +17,11 @@ rule tune:
     resources:
         mem_mb=8000,
         runtime=240,
+        # Slurm geometry (a profile's set-resources wins): `gpus` GPUs and `cpus` CPUs per node;
+        # several nodes get one task each and Ray is started on every node (haven.tune)
+        nodes=lambda w: project(w)["tune"]["nodes"],
+        tasks=lambda w: project(w)["tune"]["nodes"] if project(w)["tune"]["nodes"] > 1 else 0,
+        gpu=lambda w: project(w)["tune"]["gpus"] * project(w)["tune"]["nodes"],
     log:
         P("logs/tune.log"),
     benchmark:
@@ -22,5 +29,5 @@ rule tune:
     conda:
         "../envs/tune.yaml"
     shell:
-        "haven tune $(dirname {input.stats:q}) $(dirname {output.best:q}) --rule tune "
+        "haven tune $(dirname {input.stats:q}) $(dirname {output.best:q}) --cpus {threads} --rule tune "
         "--params {params.settings:q} > {log:q} 2>&1"

@@ -70,3 +70,28 @@ def test_checkpoint_of_other_hyperparameters_is_not_resumed(data, tmp_path):
     fit(train, val, MODEL, dict(TRAIN, epochs=1), tmp_path, seed=0)
     other = fit(train, val, MODEL, dict(TRAIN, epochs=1, lr=0.001), tmp_path, seed=0)
     assert other.resumed_from == 0
+
+
+def test_augment_is_per_sample_and_off_at_strength_zero():
+    from haven.train import augment
+
+    x = torch.zeros(64, 1, 8, 8)
+    x[..., :4] = 1.0  # left half bright
+    flipped = augment(x, {"hflip": True}, 1.0, torch.Generator().manual_seed(0))
+    left = flipped[..., :4].mean(dim=(1, 2, 3))
+    assert 10 < int((left < 0.5).sum()) < 54  # some samples flipped, some not
+    assert torch.equal(augment(x, {"hflip": True, "rotate": 30}, 0.0), x)
+    again = augment(x, {"hflip": True}, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, again)
+
+
+def test_balanced_sampler_evens_out_rare_classes(tmp_path):
+    n = 200
+    labels = (np.arange(n) % 10 == 0).astype(np.int64)  # 10 % positives
+    g = zarr.open_group(tmp_path / "imb.zarr", mode="w")
+    g.create_array("images", data=np.zeros((n, 1, 4, 4), np.uint8), chunks=(20, 1, 4, 4))
+    g.create_array("labels", data=labels, chunks=(n,))
+    g.attrs.update({"classes": ["neg", "pos"]})
+    split = ZarrSplit(tmp_path / "imb.zarr")
+    ys = np.concatenate([y.numpy() for _, y in split.batches(32, True, np.random.default_rng(0), balanced=True)])
+    assert len(ys) == n and 0.35 < ys.mean() < 0.65

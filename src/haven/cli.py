@@ -29,7 +29,8 @@ def _settings(args) -> dict:
         return {**proj, "seed": conf["seed"], "results": conf["results"], "key_file": conf["key_file"],
                 "key_env": conf["key_env"], "tracking_uri": conf["tracking_uri"],
                 "experiment": cfg.experiment_name(conf, args.project), "project": args.project,
-                "config_hash": cfg.digest(proj)}
+                "config_hash": cfg.digest(proj), "registry_prefix": conf.get("registry_prefix", "haven-"),
+                "best_metric": conf.get("best_metric", "test_balanced_accuracy")}
     raise SystemExit("give the stage settings with --params JSON or --config FILE --project NAME")
 
 
@@ -129,14 +130,23 @@ def _data_hash(pre: Path) -> str | None:
 
 
 def cmd_tune(args) -> int:
-    from haven.tune import tune_project
+    import subprocess
+
+    from haven.tune import slurm_multinode_command, tune_project
 
     s = _settings(args)
-    _lineage(args)
+    _lineage(args, s)
+    if not args.ray_address:
+        # a Slurm job over several nodes: Ray on every node (ray symmetric-run), this command on the head
+        multi = slurm_multinode_command(args.argv)
+        if multi:
+            log.info("multi-node Slurm job: %s", " ".join(multi))
+            return subprocess.run(multi).returncode
     pre = Path(args.preprocessed)
     summary = tune_project(pre, Path(args.out), s["model"], s["train"], s["tune"], seed=s.get("seed", 42),
-                           tracking=_tracking(s, data_hash=_data_hash(pre)))
-    print(json.dumps({k: summary[k] for k in ("config", "metric", "value", "trials")}, default=str))
+                           tracking=_tracking(s, data_hash=_data_hash(pre)), cpus=args.cpus,
+                           ray_address=args.ray_address, fresh=args.fresh)
+    print(json.dumps({k: summary[k] for k in ("config", "metric", "value", "trials", "trial_epochs")}, default=str))
     return 0
 
 
@@ -146,7 +156,7 @@ def cmd_train(args) -> int:
     from haven.train import train
 
     s = _settings(args)
-    _lineage(args)
+    _lineage(args, s)
     pre = Path(args.preprocessed)
     tune_run = None
     if args.best_config:
@@ -161,9 +171,10 @@ def cmd_evaluate(args) -> int:
     from haven.evaluate import evaluate
 
     s = _settings(args)
-    _lineage(args)
+    _lineage(args, s)
     run = json.loads(Path(args.run).read_text()).get("mlflow_run_id") if args.run else None
-    metrics = evaluate(Path(args.model), Path(args.preprocessed), Path(args.out), tracking=_tracking(s, train_run_id=run))
+    metrics = evaluate(Path(args.model), Path(args.preprocessed), Path(args.out), tracking=_tracking(s, train_run_id=run),
+                       settings=s.get("evaluate"), seed=s.get("seed", 42))
     print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "roc_auc")}))
     return 0
 
@@ -177,11 +188,56 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _lineage(args) -> None:
+def cmd_register(args) -> int:
+    from haven.tracking import register_model
+
+    s = _settings(args)
+    _lineage(args, s)
+    tracking = _tracking(s)
+    if tracking is None:
+        raise ValueError("register needs the project's tracking settings (project, experiment, results)")
+    prefix = args.prefix if args.prefix is not None else s.get("registry_prefix", "haven-")
+    metric = args.metric or s.get("best_metric", "test_balanced_accuracy")
+    info = register_model(Path(args.results), tracking, f"{prefix}{s['project']}", metric=metric)
+    out = Path(args.out)
+    from haven.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(info, indent=2, default=str))
+    print(f"registered {info['name']} version {info['version']} ({info['alias']}: version {info['champion_version']})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from haven.io import atomic_write_text
+    from haven.tracking import compare, format_comparison
+
+    if args.params:
+        s = json.loads(args.params)
+    elif args.config:
+        from haven import config as cfg
+
+        conf = cfg.load(args.config)
+        s = {"projects": {p: cfg.experiment_name(conf, p) for p in conf["projects"]}, "results": conf["results"],
+             "tracking_uri": conf["tracking_uri"], "best_metric": conf["best_metric"],
+             "registry_prefix": conf["registry_prefix"]}
+    else:
+        raise SystemExit("give the projects with --params JSON or --config FILE")
+    df = compare(s["projects"], s["results"], s.get("tracking_uri"),
+                 metric=s.get("best_metric", "test_balanced_accuracy"), registry_prefix=s.get("registry_prefix", "haven-"))
+    out = Path(args.out) if args.out else Path(s["results"]) / "compare.csv"
+    atomic_write_text(out, df.to_csv(index=False))
+    print(format_comparison(df))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _lineage(args, s: dict | None = None) -> None:
+    """Snakemake rule and wildcards for the lineage tags (rules pass --rule; the wildcard is the project)."""
     if getattr(args, "rule", None):
         os.environ["HAVEN_RULE"] = args.rule
-        if getattr(args, "project", None):
-            os.environ.setdefault("HAVEN_WILDCARDS", f"project={args.project}")
+        project = (s or {}).get("project") or getattr(args, "project", None)
+        if project:
+            os.environ.setdefault("HAVEN_WILDCARDS", f"project={project}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Ray Tune search (ASHA + Optuna) → best_config.yaml")
     p.add_argument("preprocessed")
     p.add_argument("out")
+    p.add_argument("--cpus", type=int,
+                   help="CPUs Ray may use (the rule passes its threads; Slurm's allocation caps it)")
+    p.add_argument("--ray-address", help="run the trials on this Ray cluster (`auto`, or HOST:PORT of a head) "
+                                         "instead of a private single-node one")
+    p.add_argument("--fresh", action="store_true", help="discard an interrupted search instead of resuming it")
     _stage_args(p)
     p.set_defaults(func=cmd_tune)
 
@@ -249,11 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     _stage_args(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("register", help="register the project's model in the MLflow model registry")
+    p.add_argument("results", help="the project's results folder")
+    p.add_argument("out", help="where to write registered.json")
+    p.add_argument("--prefix", help="registered model name = PREFIX + project (default: config registry_prefix)")
+    p.add_argument("--metric", help="metric that picks the `champion` version (default: config best_metric)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("compare", help="each project's best run and its metrics side by side (→ compare.csv)")
+    p.add_argument("--params", help="settings as JSON (what the Snakemake rule passes)")
+    p.add_argument("--config", help="config file (instead of --params)")
+    p.add_argument("--out", help="CSV to write (default: <results>/compare.csv)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("distributed", "ray", "mlflow", "alembic", "optuna"):

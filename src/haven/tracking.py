@@ -1,9 +1,15 @@
-"""MLflow tracking: one experiment per project, lineage tags on every run.
+"""MLflow tracking: one experiment per project, lineage tags on every run, the model registry.
 
 By default the store is embedded under ``<results>/mlflow`` (a sqlite database and an
 artifact folder, nothing to start; open it with
 ``mlflow ui --backend-store-uri sqlite:///results/mlflow/mlflow.db``).  When the config's
-``tracking_uri`` is an http(s) URL, everything goes to that server instead.
+``tracking_uri`` is an http(s) URL, everything (runs, artifacts, registered models) goes to
+that server instead.
+
+Runs per project experiment: the tune run (parent) with one child run per trial, the train
+run (tagged ``haven.tune_run_id``; the evaluate stage logs the test metrics into it), and
+the registered model ``<registry_prefix><project>`` whose versions point at the train runs'
+logged models, carry the test metrics and a link to the project's report.
 """
 
 from __future__ import annotations
@@ -11,19 +17,33 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import subprocess
+import warnings
 from pathlib import Path
+
+#: the metrics the model registry and `haven compare` show, in this order
+TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_roc_auc")
+SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
 
 
 def default_uri(results: str | os.PathLike) -> str:
     return f"sqlite:///{(Path(results) / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def is_remote(uri: str | None) -> bool:
+    return bool(uri) and uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
 @contextlib.contextmanager
-def _store_lock(results: Path):
-    """Serialise store creation (sqlite schema migrations race when two jobs start together)."""
+def _store_lock(results: Path, uri: str | None = None):
+    """Serialise writers of an embedded store (sqlite schema migrations and writes race when
+    two jobs start together); a tracking server serialises by itself."""
+    if is_remote(uri):
+        yield
+        return
     lock = Path(results) / "mlflow" / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
@@ -34,25 +54,46 @@ def _store_lock(results: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _setup(experiment: str, results: Path, uri: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        kwargs = {}
+        if not is_remote(uri):
+            kwargs["artifact_location"] = (results / "mlflow" / "artifacts").resolve().as_uri()
+        try:
+            exp_id = mlflow.create_experiment(experiment, **kwargs)
+        except MlflowException:  # created meanwhile by another job talking to the same server
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 def setup(experiment: str, results: str | os.PathLike, uri: str | None = None) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id."""
-    import mlflow
-
     results = Path(results)
     uri = uri or default_uri(results)
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    with _store_lock(results):
-        mlflow.set_tracking_uri(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            kwargs = {}
-            if uri.startswith("sqlite:"):
-                kwargs["artifact_location"] = (results / "mlflow" / "artifacts").resolve().as_uri()
-            exp_id = mlflow.create_experiment(experiment, **kwargs)
-        else:
-            exp_id = exp.experiment_id
-        mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    with _store_lock(results, uri):
+        return _setup(experiment, results, uri)
+
+
+@contextlib.contextmanager
+def session(tracking: dict):
+    """``setup`` and hold the store's lock for the whole block (embedded store only)."""
+    results = Path(tracking["results"])
+    uri = tracking.get("uri") or default_uri(results)
+    with _store_lock(results, uri):
+        yield _setup(tracking["experiment"], results, uri)
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -63,9 +104,14 @@ def file_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+_REPO = Path(__file__).resolve().parents[2]
+
+
 def _git(*args: str) -> str | None:
+    """git in haven's own source tree (the code that ran), whatever the working directory."""
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True,
+                             cwd=_REPO if (_REPO / ".git").exists() else None)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -83,8 +129,236 @@ def lineage_tags(stage: str, project: str, config_hash: str | None = None, data_
         "haven.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))) if commit else "unknown",
         "haven.host": socket.gethostname(),
     }
-    for env, tag in (("SLURM_JOB_ID", "haven.slurm_job_id"), ("HAVEN_RULE", "haven.snakemake_rule"),
-                     ("HAVEN_WILDCARDS", "haven.snakemake_wildcards")):
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for env, tag in (("SLURM_JOB_ID", "haven.slurm_job_id"), ("SLURM_JOB_NUM_NODES", "haven.slurm_nodes"),
+                     ("HAVEN_RULE", "haven.snakemake_rule"), ("HAVEN_WILDCARDS", "haven.snakemake_wildcards")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
+
+
+def log_splits(pre: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"), context: str | None = None) -> int:
+    """``mlflow.log_input`` the audited data the run used: one dataset per split, made from the
+    preprocess stage's pseudonymous ``splits.csv`` (file, patient pseudonym, label, split) and
+    tagged with the audited manifest's hash.  Only the schema, a profile and a digest go to
+    MLflow, never the images.  Returns the number of datasets logged."""
+    import mlflow
+    import pandas as pd
+
+    pre = Path(pre)
+    table = pre / "splits.csv"
+    if not table.is_file():
+        return 0
+    df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    stats = json.loads((pre / "stats.json").read_text()) if (pre / "stats.json").is_file() else {}
+    project = pre.parent.name
+    n = 0
+    for split in splits:
+        part = df[df["split"] == split].reset_index(drop=True)
+        if part.empty:
+            continue
+        with warnings.catch_warnings():  # mlflow registers its local-file source twice and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(part, source=str(table.resolve()), name=f"{project}-{split}",
+                                         targets="label")
+        tags = {"split": split}
+        if stats.get("data_manifest_hash"):
+            tags["haven.data_manifest_hash"] = stats["data_manifest_hash"]
+        mlflow.log_input(ds, context=context or SPLIT_CONTEXT.get(split, split), tags=tags)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# model registry
+def _numeric(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
+                   metric: str = "test_balanced_accuracy", alias: str = "champion") -> dict:
+    """Register the project's final model (the train run's ``model.pt``, as an MLflow PyTorch
+    model) as a new version of ``name``: version tags and description carry the test metrics,
+    the lineage and a link to the project's report (also logged as an artifact of the train
+    run).  The alias ``alias`` points at the version with the best ``metric`` so far.  Returns
+    what ``registered.json`` holds."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from haven.train import load_model
+
+    project_dir = Path(project_dir)
+    run_info = json.loads((project_dir / "train" / "run.json").read_text())
+    run_id = run_info.get("mlflow_run_id")
+    if not run_id:
+        raise ValueError(f"{project_dir / 'train' / 'run.json'} names no MLflow run (was tracking off?)")
+    evaluated = json.loads((project_dir / "evaluate" / "metrics.json").read_text())
+    test = {f"test_{k}": v for k, v in _numeric(evaluated).items() if k not in ("n", "chance_accuracy")}
+    report = project_dir / "report" / "index.html"
+    card = project_dir / "report" / "model_card.md"
+    model, meta = load_model(project_dir / "train" / "model.pt")
+
+    with session(tracking):
+        client = MlflowClient()
+        train_run = client.get_run(run_id)
+        with mlflow.start_run(run_id=run_id):
+            for path in (report, card):
+                if path.is_file():
+                    mlflow.log_artifact(str(path), artifact_path="report")
+            report_artifact = mlflow.get_artifact_uri("report/index.html")
+            info = _log_pytorch_model(model, meta)
+            if test:
+                mlflow.log_metrics(test, model_id=info.model_id)
+        lineage = {k: v for k, v in train_run.data.tags.items()
+                   if k in ("haven.config_hash", "haven.data_manifest_hash", "haven.git_commit", "haven.git_dirty",
+                            "haven.tune_run_id")}
+        report_link = report.resolve().as_uri() if report.is_file() else ""
+        tags = {**{k: f"{v:.6g}" for k, v in test.items()}, **lineage, "haven.project": tracking["project"],
+                "haven.train_run_id": run_id, "report": report_link, "report_artifact": report_artifact,
+                "backbone": meta["backbone"]}
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        lines = [f"**{tracking['project']}**: {meta['backbone']} for {len(meta['classes'])} classes "
+                 f"({', '.join(map(str, meta['classes'][:12]))}{' ...' if len(meta['classes']) > 12 else ''}).", "",
+                 "| test metric | value |", "|---|---|"]
+        lines += [f"| {k[5:]} | {v:.4f} |" for k, v in test.items()]
+        lines += ["", f"Report: [{report_link or 'index.html'}]({report_link}) · in MLflow: `{report_artifact}`",
+                  f"Train run `{run_id}`, tune run `{lineage.get('haven.tune_run_id', '')}`, "
+                  f"commit `{lineage.get('haven.git_commit', '')}`, "
+                  f"audited data `{lineage.get('haven.data_manifest_hash', '')}`."]
+        client.update_model_version(name, version.version, description="\n".join(lines))
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(
+                name, description=f"haven: the final model of project {tracking['project']} (one version per "
+                                  f"pipeline run; alias `{alias}` = best {metric}).")
+        champion = _champion(client, name, metric)
+        if champion is not None:
+            client.set_registered_model_alias(name, alias, champion)
+    return {"name": name, "version": int(version.version), "model_uri": info.model_uri,
+            "registry_uri": f"models:/{name}/{version.version}", "alias": alias,
+            "champion_version": int(champion) if champion is not None else None, "train_run_id": run_id,
+            "tune_run_id": lineage.get("haven.tune_run_id"), "metrics": test, "report": report_link,
+            "report_artifact": report_artifact, "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def _log_pytorch_model(model, meta: dict):
+    """The model as an MLflow PyTorch model (with signature): input = normalized float images
+    (N, C, size, size), output = class logits; classes and the normalization are in its metadata."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    example = np.zeros((1, meta["in_chans"], meta["size"], meta["size"]), dtype=np.float32)
+    kwargs = dict(name="model", input_example=example,
+                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+                  metadata={"classes": [str(c) for c in meta["classes"]], "in_chans": meta["in_chans"],
+                            "size": meta["size"], "mean": meta["mean"], "std": meta["std"],
+                            "backbone": meta["backbone"], "input": "images normalized with mean/std, NCHW float32",
+                            "code": "haven (haven.models), timm"},
+                  params={k: str(v) for k, v in (meta.get("hparams") or {}).items()})
+    # pickled module (torch.export's "pt2" fixes the example's batch size): loading needs torch, timm
+    # and haven installed, as the model card says
+    return mlflow.pytorch.log_model(model, serialization_format="pickle", **kwargs)
+
+
+def _champion(client, name: str, metric: str) -> str | None:
+    """The version with the best ``metric`` tag (the newest on ties)."""
+    best, best_value = None, None
+    for v in client.search_model_versions(f"name='{name}'"):
+        try:
+            value = float(v.tags.get(metric, "nan"))
+        except ValueError:
+            continue
+        if value != value:
+            continue
+        if best_value is None or value > best_value or (value == best_value and int(v.version) > int(best)):
+            best, best_value = v.version, value
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# project comparison
+def compare(projects: dict[str, str], results: str | os.PathLike, uri: str | None = None,
+            metric: str = "test_balanced_accuracy", registry_prefix: str = "haven-"):
+    """Each project's best train run (by ``metric``; among the runs on the project's current
+    audited data, ``<results>/<project>/preprocess/stats.json``, when there are any), its
+    hyperparameters and metrics side by side: a DataFrame with one row per project.
+    ``projects`` maps project → experiment."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    uri = uri or default_uri(results)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    rows = []
+    for project, experiment in projects.items():
+        row = {"project": project, "experiment": experiment}
+        exp = client.get_experiment_by_name(experiment)
+        runs = [] if exp is None else [
+            r for r in client.search_runs([exp.experiment_id], filter_string="tags.`haven.stage` = 'train'",
+                                          max_results=1000)
+            if r.info.status == "FINISHED"]
+        if not runs:
+            rows.append(row)
+            continue
+        # runs on the project's current audited data when there are any (older data: older runs)
+        stats = Path(results) / project / "preprocess" / "stats.json"
+        current = json.loads(stats.read_text()).get("data_manifest_hash") if stats.is_file() else None
+        on_current = [r for r in runs if current and r.data.tags.get("haven.data_manifest_hash") == current]
+        runs = on_current or runs
+
+        def key(r):
+            value = r.data.metrics.get(metric)
+            return (value is not None, value if value is not None else 0.0, r.info.start_time)
+
+        best = max(runs, key=key)
+        p, m, t = best.data.params, best.data.metrics, best.data.tags
+        row.update(run_id=best.info.run_id, run_name=best.info.run_name, runs=len(runs),
+                   started=pd.Timestamp(best.info.start_time, unit="ms").isoformat(timespec="seconds"),
+                   backbone=p.get("backbone"))
+        for k in ("lr", "backbone_lr_factor", "batch_size", "weight_decay", "unfreeze", "freeze_epochs",
+                  "augment_strength", "epochs"):
+            row[k] = p.get(k)
+        row["best_val_balanced_accuracy"] = m.get("best_val_balanced_accuracy")
+        for k in TEST_METRICS:
+            row[k] = m.get(k)
+        tune_id = t.get("haven.tune_run_id")
+        row["tune_run_id"] = tune_id
+        if tune_id:
+            try:
+                tune = client.get_run(tune_id)
+                row["tune_trials"] = tune.data.params.get("trials")
+                row["tune_trial_epochs"] = tune.data.metrics.get("trial_epochs")
+            except Exception:  # noqa: BLE001 - a deleted tune run only loses two columns
+                pass
+        versions = client.search_model_versions(f"name='{registry_prefix}{project}'")
+        mine = [v for v in versions if v.run_id == best.info.run_id]
+        if mine:
+            row["registered_model"] = f"{registry_prefix}{project}"
+            row["model_version"] = max(int(v.version) for v in mine)
+        row["git_commit"] = (t.get("haven.git_commit") or "")[:12]
+        row["data_manifest_hash"] = t.get("haven.data_manifest_hash")
+        row["config_hash"] = t.get("haven.config_hash")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("runs", "tune_trials", "tune_trial_epochs", "model_version"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
+    return df
+
+
+def format_comparison(df) -> str:
+    """The comparison as a text table with the projects side by side (one column each)."""
+    if df.empty:
+        return "(no projects)"
+    show = df.set_index("project").drop(columns=["experiment"], errors="ignore")
+    def fmt(v):
+        if v is None or (isinstance(v, float) and v != v):
+            return "–"
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() else f"{v:.4f}"
+        return v
+
+    show = show.astype(object).where(show.notna(), None).map(fmt)
+    return show.T.to_string()

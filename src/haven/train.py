@@ -54,30 +54,92 @@ class ZarrSplit:
         return self.images.shape[1]
 
     def column(self, name: str) -> np.ndarray:
-        return np.asarray(self.group[name][:]).astype(str)
+        return np.array([str(v) for v in self.group[name][:].tolist()], dtype=str)
+
+    def _read_group(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([self.images[s:s + self.chunk] for s in starts])
+        y = np.concatenate([self.labels[s:s + self.chunk] for s in starts])
+        return x, y
 
     def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
-                buffer_chunks: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (uint8 images, labels) batches.  With ``shuffle`` the chunk order is permuted
-        and samples are shuffled inside a buffer of ``buffer_chunks`` chunks."""
+                buffer_chunks: int = 8, prefetch: int = 2, balanced: bool = False,
+                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images, labels) batches, reading whole Zarr chunks.
+
+        With ``shuffle`` the chunk order is permuted and samples are shuffled inside a buffer
+        of ``buffer_chunks`` chunks; ``prefetch`` buffers are read ahead by background threads
+        (Blosc decompression releases the GIL).  ``balanced`` resamples each buffer with
+        probabilities inversely proportional to class frequency (a balanced sampler).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         n = len(self)
         starts = np.arange(0, n, self.chunk)
         if shuffle:
             starts = rng.permutation(starts)
-        for g in range(0, len(starts), buffer_chunks):
-            group = starts[g:g + buffer_chunks]
-            x = np.concatenate([self.images[s:s + self.chunk] for s in group])
-            y = np.concatenate([self.labels[s:s + self.chunk] for s in group])
-            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
-            for b in range(0, len(x), batch_size):
-                idx = order[b:b + batch_size]
-                yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+        groups = [starts[g:g + buffer_chunks] for g in range(0, len(starts), buffer_chunks)]
+        if balanced:
+            counts = np.bincount(self.labels, minlength=len(self.classes)).astype(np.float64)
+            class_weight = 1.0 / np.maximum(counts, 1)
+        with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+            pending = [pool.submit(self._read_group, g) for g in groups[:prefetch + 1]]
+            for i in range(len(groups)):
+                x, y = pending[i].result()
+                if i + prefetch + 1 < len(groups):
+                    pending.append(pool.submit(self._read_group, groups[i + prefetch + 1]))
+                pending[i] = None  # release the buffer once consumed
+                if balanced and shuffle:
+                    w = class_weight[y]
+                    order = rng.choice(len(x), size=len(x), replace=True, p=w / w.sum())
+                else:
+                    order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+                for b in range(0, len(x), batch_size):
+                    idx = order[b:b + batch_size]
+                    xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+                    if pin_memory:
+                        xb, yb = xb.pin_memory(), yb.pin_memory()
+                    yield xb, yb
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) → float, normalized with the train split's statistics (on device)."""
     x = x.float().div_(255.0)
     return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
+
+
+def augment(x: torch.Tensor, aug: dict, strength: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random augmentation of a float batch, on its own device, in one pass.
+
+    Flips, rotation (degrees), isotropic scale range and translation (fraction of the side)
+    become one affine grid per sample (``affine_grid``/``grid_sample``), then per-sample
+    brightness/contrast jitter.  ``strength`` scales every magnitude (0 turns augmentation
+    off), so one tunable knob sets how hard the project augments.
+    """
+    if not aug or strength <= 0:
+        return x
+    n, dev = x.shape[0], x.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+
+    angle = (rand(n) * 2 - 1) * math.radians(aug.get("rotate", 0.0)) * strength
+    lo, hi = aug.get("scale", [1.0, 1.0])
+    scale = 1 + ((lo - 1) + rand(n) * (hi - lo)) * strength
+    shift = (rand(n, 2) * 2 - 1) * 2 * aug.get("translate", 0.0) * strength
+    flip_x = torch.where(rand(n) < (0.5 if aug.get("hflip") else 0.0), -1.0, 1.0).to(dev)
+    flip_y = torch.where(rand(n) < (0.5 if aug.get("vflip") else 0.0), -1.0, 1.0).to(dev)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip_x, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos * flip_y, shift[:, 1]], 1)], 1).to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    b, c = aug.get("brightness", 0.0) * strength, aug.get("contrast", 0.0) * strength
+    if b or c:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        gain = (1 + (rand(n, 1, 1, 1) * 2 - 1) * c).to(out.dtype)
+        bias = ((rand(n, 1, 1, 1) * 2 - 1) * b).to(out.dtype)
+        out = (out - mean) * gain + mean + bias
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +249,24 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
+    if hp.get("compile") and dev.type == "cuda":
+        model = torch.compile(model)
     backbone_params, head_params = backbone_and_head(model)
-    optimizer = torch.optim.AdamW([
-        {"params": head_params, "lr": hp["lr"]},
-        {"params": backbone_params, "lr": hp["lr"] * hp["backbone_lr_factor"]},
-    ], weight_decay=hp["weight_decay"])
+    groups = [{"params": head_params, "lr": hp["lr"]},
+              {"params": backbone_params, "lr": hp["lr"] * hp["backbone_lr_factor"]}]
+    if hp.get("optimizer", "adamw") == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=hp["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp["weight_decay"])
     batch_size = int(hp["batch_size"])
     steps_per_epoch = max(1, math.ceil(len(train) / batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(epochs * steps_per_epoch, int(hp["warmup_epochs"] * steps_per_epoch)))
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train.labels, n_classes).to(dev),
-                                  label_smoothing=hp["label_smoothing"])
+    balance = hp.get("balance", "loss")
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(train.labels, n_classes).to(dev) if balance == "loss" else None,
+        label_smoothing=hp["label_smoothing"])
+    aug_cfg, strength = hp.get("augment") or {}, float(hp.get("augment_strength", 1.0))
 
     history: list[dict] = []
     best = {"epoch": -1, "metric": -math.inf}
@@ -226,8 +295,10 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
         freeze_bn_stats(model)  # frozen stages keep their pretrained BatchNorm statistics
         total, seen = 0.0, 0
         rng = np.random.default_rng([seed, epoch])  # per-epoch order: a resumed run sees the same batches
-        for x, y in train.batches(batch_size, shuffle=True, rng=rng):
-            x = normalize(x.to(dev, non_blocking=True), train.mean, train.std)
+        aug_gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for x, y in train.batches(batch_size, shuffle=True, rng=rng, balanced=balance == "sampler",
+                                  pin_memory=dev.type == "cuda"):
+            x = augment(normalize(x.to(dev, non_blocking=True), train.mean, train.std), aug_cfg, strength, aug_gen)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(dev, non_blocking=True)
@@ -316,20 +387,23 @@ def train(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict, trai
 
 
 def _log_run(tracking: dict, summary: dict, history, out: Path, pre: Path) -> str:
+    """The train run: hyperparameters, per-epoch metrics, the model file, the audited data it
+    used (``mlflow.log_input``), lineage tags and the link to the tune run."""
     import mlflow
 
     from haven import tracking as trk
 
-    trk.setup(tracking["experiment"], tracking["results"], tracking.get("uri"))
     tags = trk.lineage_tags("train", tracking["project"], tracking.get("config_hash"), tracking.get("data_hash"))
     if tracking.get("tune_run_id"):
         tags["haven.tune_run_id"] = tracking["tune_run_id"]
-    with mlflow.start_run(run_name=f"{tracking['project']}-train", tags=tags) as run:
+    with trk.session(tracking), mlflow.start_run(run_name=f"{tracking['project']}-train", tags=tags) as run:
         mlflow.log_params({**{k: v for k, v in summary["hparams"].items()}, "backbone": summary["backbone"]})
         for row in history.to_dict("records"):
             step = int(row["epoch"])
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
-        mlflow.log_metric("best_val_balanced_accuracy", summary["best_val_balanced_accuracy"])
+        mlflow.log_metrics({"best_val_balanced_accuracy": summary["best_val_balanced_accuracy"],
+                            "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"]})
+        trk.log_splits(pre, ("train", "val"))
         mlflow.log_artifact(str(out / "history.csv"))
         mlflow.log_artifact(str(out / "model.pt"), artifact_path="model")
         mlflow.log_artifact(str(pre / "stats.json"), artifact_path="data")

@@ -1,0 +1,48 @@
+rule register:
+    """MLflow model registry: the project's final model as a new version of <registry_prefix><project>,
+    with its test metrics and a link to its report; alias `champion` = best version so far."""
+    input:
+        model=P("train/model.pt"),
+        run=P("train/run.json"),
+        metrics=P("evaluate/metrics.json"),
+        report=P("report/index.html"),
+    output:
+        P("track/registered.json"),
+    params:
+        settings=settings("model"),
+        results=lambda w: f"{R}/{w.project}",
+        prefix=config["registry_prefix"],
+        metric=config["best_metric"],
+    log:
+        P("logs/register.log"),
+    conda:
+        "../envs/track.yaml"
+    shell:
+        "haven register {params.results:q} {output:q} --prefix {params.prefix:q} --metric {params.metric:q} "
+        "--rule register --params {params.settings:q} > {log:q} 2>&1"
+
+
+rule compare:
+    """Each project's best run with its metrics side by side (from MLflow) → results/compare.csv."""
+    input:
+        expand(P("track/registered.json") if config["register_models"] else P("evaluate/metrics.json"),
+               project=PROJECTS),
+    output:
+        f"{R}/compare.csv",
+    params:
+        settings=json.dumps(
+            {
+                "projects": {p: config["projects"][p]["experiment"] or f"haven-{p}" for p in PROJECTS},
+                "results": R,
+                "tracking_uri": config["tracking_uri"],
+                "best_metric": config["best_metric"],
+                "registry_prefix": config["registry_prefix"],
+            },
+            sort_keys=True,
+        ),
+    log:
+        f"{R}/logs/compare.log",
+    conda:
+        "../envs/track.yaml"
+    shell:
+        "haven compare --params {params.settings:q} --out {output:q} > {log:q} 2>&1"
