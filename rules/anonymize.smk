@@ -11,6 +11,8 @@ rule anonymize:
     params:
         source=lambda w: project(w)["source"],
         settings=settings("anonymize", secrets=True),
+    resources:
+        **CPU_SITE,
     log:
         P("logs/anonymize.log"),
     benchmark:
@@ -32,6 +34,8 @@ rule audit:
     output:
         report(P("anonymize/audit.json"), caption="../workflow/report/audit.rst", category="1. Data",
                labels={"project": "{project}", "artefact": "audit"}),
+    resources:
+        **CPU_SITE,
     log:
         P("logs/audit.log"),
     conda:

@@ -1,11 +1,17 @@
 # Helpers shared by the rules: paths and the per-stage settings handed to `haven`.
 import json
 
+from haven.cluster import cpus_per_gpu, rule_resources, site_settings
 from haven.config import digest
 
 R = config["results"]
 PROJECTS = list(config["projects"])
 DEMO_ROOT = "data/demo"
+# The cluster's own Slurm values (partition, account, GPU model, ...) from ~/.config/haven/site.yaml
+# or HAVEN_SLURM_* variables (haven.cluster); every rule adds them to its resources.
+SITE = site_settings()
+CPU_SITE = rule_resources("cpu", SITE)
+GPU_SITE = rule_resources("gpu", SITE)
 
 
 wildcard_constraints:

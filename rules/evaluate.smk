@@ -32,6 +32,7 @@ rule evaluate:
     resources:
         mem_mb=4000,
         runtime=60,
+        **CPU_SITE,
     log:
         P("logs/evaluate.log"),
     benchmark:

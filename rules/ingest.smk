@@ -2,6 +2,8 @@ rule demo_data:
     """Generate a demo dataset from installed packages (scikit-learn digits, pydicom head CT)."""
     output:
         directory(f"{DEMO_ROOT}/{{demo}}"),
+    resources:
+        **CPU_SITE,
     log:
         f"{R}/logs/demo_{{demo}}.log",
     wildcard_constraints:
@@ -23,6 +25,8 @@ rule ingest:
     params:
         source=lambda w: project(w)["source"],
         settings=settings("labels", "label_key", "label_column"),
+    resources:
+        **CPU_SITE,
     log:
         P("logs/ingest.log"),
     benchmark:

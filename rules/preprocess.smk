@@ -15,6 +15,7 @@ rule preprocess:
     resources:
         mem_mb=4000,
         runtime=60,
+        **CPU_SITE,
     log:
         P("logs/preprocess.log"),
     benchmark:
@@ -22,5 +23,5 @@ rule preprocess:
     conda:
         "../envs/preprocess.yaml"
     shell:
-        "haven preprocess $(dirname {input.manifest:q}) $(dirname {output.stats:q}) "
+        "haven preprocess $(dirname {input.manifest:q}) $(dirname {output.stats:q}) --workers {threads} "
         "--params {params.settings:q} > {log:q} 2>&1"

@@ -23,6 +23,8 @@ rule report:
     params:
         settings=settings("model", "train", "tune"),
         results=lambda w: f"{R}/{w.project}",
+    resources:
+        **CPU_SITE,
     log:
         P("logs/report.log"),
     conda:

@@ -13,6 +13,8 @@ rule register:
         results=lambda w: f"{R}/{w.project}",
         prefix=config["registry_prefix"],
         metric=config["best_metric"],
+    resources:
+        **CPU_SITE,
     log:
         P("logs/register.log"),
     conda:
@@ -40,6 +42,8 @@ rule compare:
             },
             sort_keys=True,
         ),
+    resources:
+        **CPU_SITE,
     log:
         f"{R}/logs/compare.log",
     conda:

@@ -15,6 +15,8 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+        cpus_per_gpu=lambda w, threads: cpus_per_gpu(SITE, threads, 1),
+        **GPU_SITE,
     log:
         P("logs/train.log"),
     benchmark:

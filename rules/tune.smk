@@ -22,6 +22,8 @@ rule tune:
         nodes=lambda w: project(w)["tune"]["nodes"],
         tasks=lambda w: project(w)["tune"]["nodes"] if project(w)["tune"]["nodes"] > 1 else 0,
         gpu=lambda w: project(w)["tune"]["gpus"] * project(w)["tune"]["nodes"],
+        cpus_per_gpu=lambda w, threads: cpus_per_gpu(SITE, threads, project(w)["tune"]["gpus"]),
+        **GPU_SITE,
     log:
         P("logs/tune.log"),
     benchmark:

@@ -111,3 +111,43 @@ def test_preprocess_writes_zarr_shards(tmp_path):
     train_mean = imgs.astype(np.float64).mean() / 255
     assert stats["mean"][0] == pytest.approx(train_mean, rel=1e-6)
     assert dict(g.attrs)["mean"] == stats["mean"]
+
+
+def test_slab_stacks_neighbouring_slices_in_z_order(tmp_path):
+    """2.5D: each slice carries its neighbours along z (not file or manifest order), the series'
+    ends repeat the edge slice, and slices of another series never mix in."""
+    import zarr
+
+    anon = tmp_path / "anon"
+    (anon / "data").mkdir(parents=True)
+    rows = []
+    # per series 4 slices with constant HU 0, 20, 40, 60 at z = 30, 10, 20, 0 (so z order = 60, 20, 40, 0)
+    for p in range(12):
+        for i, (hu, z) in enumerate(zip((0, 20, 40, 60), (30.0, 10.0, 20.0, 0.0))):
+            name = f"s{p}_{i}.dcm"
+            path = _ct(anon / "data" / name, np.full((8, 8), hu + (100 if p % 2 else 0)))
+            ds = pydicom.dcmread(path)
+            ds.ImagePositionPatient = [0, 0, z]
+            ds.InstanceNumber = 9 - i
+            ds.save_as(path)
+            rows.append({"file": name, "kind": "dicom", "patient": f"P{p}", "study": f"1.{p}", "series": f"2.{p}",
+                         "label": "hi" if p % 2 else "lo", "sex": "", "age_band": "", "site": "", "modality": "CT"})
+    pd.DataFrame(rows).sample(frac=1, random_state=0).to_csv(anon / "manifest.csv", index=False)
+    (anon / "audit.json").write_text(json.dumps({"passed": True}))
+    params = {"size": 8, "mode": "ct", "windows": [{"center": 100, "width": 400}], "slab": 1,
+              "split": {"val": 0.2, "test": 0.2}, "chunk": 4, "workers": 1}
+    stats = pp.preprocess(anon, tmp_path / "pre", params, seed=0)
+    assert stats["channels"] == 3
+    splits = pd.read_csv(tmp_path / "pre" / "splits.csv")
+    for split in ("train", "val", "test"):
+        g = zarr.open_group(tmp_path / "pre" / f"{split}.zarr", mode="r")
+        assert g["images"].shape[1:] == (3, 8, 8) and g.attrs["slab"] == 1
+        files = splits.loc[splits["split"] == split, "file"].tolist()
+        for img, f in zip(g["images"][:], files):
+            p, i = (int(v) for v in f[1:-4].split("_"))
+            offset = 100 if p % 2 else 0
+            z_order = [60, 20, 40, 0]  # HU of the slices sorted by z
+            at = z_order.index((0, 20, 40, 60)[i])
+            want = [z_order[max(at - 1, 0)], z_order[at], z_order[min(at + 1, 3)]]
+            hu = img.mean(axis=(1, 2)) / 255 * 400 - 100  # back through the window
+            assert hu.tolist() == pytest.approx([w + offset for w in want], abs=1.0), f

@@ -111,9 +111,10 @@ def slurm_test_profile(root: Path, dest: Path, cluster: dict) -> Path:
 
     Kept as shipped: executor, status command (squeue), default resources, the GPU requests of
     tune and train, retries off only so that a failure shows at once.  Changed: threads and
-    memory capped to what the node has (the shipped ones are sized for a real cluster), the
-    partition set in default-resources, status checks every 2 s instead of the cluster-friendly
-    defaults, and the Slurm logs of successful jobs kept for inspection.
+    memory capped to what the node has (the shipped ones are sized for a real cluster), status
+    checks every 2 s instead of the cluster-friendly defaults, and the Slurm logs of successful
+    jobs kept for inspection.  The partition is not in the profile: it comes the way a site's
+    values do, from HAVEN_SLURM_* variables (haven.cluster), set by :func:`slurm_run`.
     """
     prof = yaml.safe_load((root / "profiles" / "slurm" / "config.yaml").read_text())
     cap_mem = cluster["mem_mb"] // 2
@@ -121,7 +122,7 @@ def slurm_test_profile(root: Path, dest: Path, cluster: dict) -> Path:
     for res in [prof.setdefault("default-resources", {}), *(prof.get("set-resources") or {}).values()]:
         if "mem_mb" in res:
             res["mem_mb"] = min(int(res["mem_mb"]), cap_mem)
-    prof["default-resources"]["slurm_partition"] = cluster["partition"]
+    assert prof["slurm-requeue"] is True and prof["retries"] >= 1  # shipped: preempted jobs are requeued
     prof.update({"seconds-between-status-checks": 2, "slurm-init-seconds-before-status-checks": 2,
                  "latency-wait": 5, "retries": 0, "slurm-keep-successful-logs": True})
     dest.mkdir(parents=True, exist_ok=True)
@@ -173,8 +174,12 @@ def slurm_run(root, slurm_cluster, tmp_path_factory):
     profile = slurm_test_profile(root, tmp_path_factory.mktemp("profile") / "slurm", slurm_cluster)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--profile", str(profile),
            "--configfile", str(work / "config.yaml"), "--verbose"]
+    # the site's values: CPU rules on the partition, GPU rules with 1 CPU per GPU (the node has 2)
+    env = dict(os.environ, HAVEN_SLURM_PARTITION=slurm_cluster["partition"], HAVEN_SLURM_CPUS_PER_GPU="1",
+               HAVEN_SITE=str(work / "no-site.yaml"))
+    (work / "no-site.yaml").write_text("{}\n")
     t0 = time.monotonic()
-    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=2400)
+    run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=2400)
     elapsed = time.monotonic() - t0
     log = run.stdout + run.stderr
     (work / "snakemake-slurm.log").write_text(log)
@@ -218,8 +223,10 @@ def test_gpu_jobs_got_a_gpu_and_valid_sbatch_lines(slurm_run):
     log = slurm_run["log"]
     calls = {m.group(1): m.group(0) for m in re.finditer(r"sbatch call: sbatch .*?--comment '?rule_([^\s']+).*", log)}
     train = next(c for rule, c in calls.items() if rule.startswith("train_wildcards_"))
-    for flag in ("--gpus=1", f"-p {PARTITION}", "--export=ALL", "-t 480", "--cpus-per-task=", "--mem ", " -D "):
+    for flag in ("--gpus=1", f"-p {PARTITION}", "--export=ALL", "-t 480", "--cpus-per-gpu=1", "--mem ", " -D ",
+                 "--requeue"):
         assert flag in train, (flag, train)
+    assert "--cpus-per-task=" in calls[next(r for r in calls if r.startswith("preprocess_wildcards_"))]
     assert "--ntasks=" not in train  # the plugin leaves task geometry alone for GPU jobs
     for rule, call in calls.items():
         wants_gpu = rule.split("_wildcards_")[0] in ("tune", "train")
@@ -297,3 +304,117 @@ def test_profile_dry_run_without_slurm(root, tmp_path):
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     assert "This was a dry-run" in out and re.search(r"^train\s+2$", out, re.M), out[-3000:]
+
+
+def test_data_stages_equal_a_local_run(root, slurm_run):
+    """The Slurm run's de-identified data, splits and shards are byte for byte what a local run of
+    the same config makes (the stages are deterministic: keyed UIDs, seeded splits)."""
+    import hashlib
+
+    import zarr
+
+    work = slurm_run["work"]
+    local = work.parent / (work.name + "-local")
+    local.mkdir(exist_ok=True)
+    shutil.copy(work / "config.yaml", local / "config.yaml")
+    if (work / ".secrets").is_dir():  # the same key, as a site would use
+        shutil.copytree(work / ".secrets", local / ".secrets", dirs_exist_ok=True)
+    name = next(iter(slurm_run["conf"]["projects"]))
+    target = f"results/{name}/preprocess/stats.json"
+    run = subprocess.run([sys.executable, "-m", "snakemake", target, "-s", str(root / "Snakefile"), "--profile",
+                          str(root / "profiles" / "local"), "--configfile", str(local / "config.yaml")],
+                         cwd=local, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    a, b = work / "results" / name, local / "results" / name
+    anon = digest(a / "anonymize" / "data")
+    assert anon and anon == digest(b / "anonymize" / "data")
+    for f in ("anonymize/manifest.csv", "anonymize/anonymization.log.csv", "preprocess/splits.csv"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    for split in ("train", "val", "test"):
+        x, y = (zarr.open_group(d / "preprocess" / f"{split}.zarr", mode="r") for d in (a, b))
+        assert (x["images"][:] == y["images"][:]).all() and (x["labels"][:] == y["labels"][:]).all()
+
+
+def test_profile_installed_by_name(root, tmp_path):
+    """`haven profile install` puts the profiles where Snakemake looks up `--profile slurm`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), HAVEN_SLURM_PARTITION="gpu-by-site")
+    inst = subprocess.run([str(Path(sys.executable).parent / "haven"), "profile", "install"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert inst.returncode == 0, inst.stderr
+    installed = tmp_path / "config" / "snakemake" / "slurm" / "config.yaml"
+    assert installed.read_bytes() == (root / "profiles" / "slurm" / "config.yaml").read_bytes()
+    work = tmp_path / "work"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--profile", "slurm",
+                          "--configfile", str(root / "config.yaml"), "-n"], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    # the profile's GPU request and the site's partition are both in the plan
+    assert re.search(r"rule train:(?:\n.*){0,12}resources: .*slurm_partition=gpu-by-site.*gpu=1", out), out[-3000:]
+    again = subprocess.run([str(Path(sys.executable).parent / "haven"), "profile", "install"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0  # unchanged: nothing to refuse
+    installed.write_text(installed.read_text() + "jobs: 3\n")
+    refused = subprocess.run([str(Path(sys.executable).parent / "haven"), "profile", "install"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--force" in refused.stderr and "jobs: 3" in installed.read_text()
+
+
+def test_preprocess_with_dask_workers_as_slurm_jobs(slurm_cluster, tmp_path):
+    """preprocess.dask.cluster: slurm — the Dask workers are Slurm jobs (dask-jobqueue SLURMCluster)
+    and write the same shards as a local cluster."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+    from PIL import Image
+
+    from haven.preprocess import preprocess
+
+    anon = tmp_path / "anon"
+    (anon / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(16):
+        for i in range(2):
+            name = f"{p}_{i}.png"
+            Image.fromarray(rng.integers(0, 255, (20, 20)).astype(np.uint8)).save(anon / "data" / name)
+            rows.append({"file": name, "kind": "image", "patient": f"P{p}", "study": "", "series": "",
+                         "label": "ab"[p % 2], "sex": "", "age_band": "", "site": "", "modality": ""})
+    pd.DataFrame(rows).to_csv(anon / "manifest.csv", index=False)
+    (anon / "audit.json").write_text(json.dumps({"passed": True}))
+    base = {"size": 16, "mode": "gray", "windows": [], "split": {"val": 0.2, "test": 0.2}, "chunk": 4, "workers": 1}
+    seen = []
+
+    def watch():  # the worker job, while it lives
+        while not seen or seen[-1] != "done":
+            out = subprocess.run(["squeue", "--noheader", "--name", "haven-dask", "--format=%i|%T|%P"],
+                                 capture_output=True, text=True).stdout.split()
+            seen.extend(out)
+            time.sleep(0.5)
+            if len(seen) > 2000:
+                break
+
+    import threading
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    dask = {"cluster": "slurm", "jobs": 1, "cores": 1, "memory": "2GB", "walltime": "00:10:00",
+            "queue": slurm_cluster["partition"], "scheduler_host": "127.0.0.1", "timeout": 180,
+            "log_directory": str(tmp_path / "dask-logs")}
+    on_slurm = preprocess(anon, tmp_path / "slurm", {**base, "dask": dask}, seed=0)
+    seen.append("done")
+    t.join(timeout=10)
+    local = preprocess(anon, tmp_path / "local", base, seed=0)
+    assert on_slurm["samples"] == local["samples"]
+    for split in ("train", "val", "test"):
+        a, b = (zarr.open_group(tmp_path / d / f"{split}.zarr", mode="r") for d in ("slurm", "local"))
+        assert (a["images"][:] == b["images"][:]).all()
+    running = [s for s in seen if "|RUNNING|" in s]
+    assert running and all(s.endswith(f"|{slurm_cluster['partition']}") for s in running), seen[:10]

@@ -119,7 +119,10 @@ def cmd_preprocess(args) -> int:
     from haven.preprocess import preprocess
 
     s = _settings(args)
-    stats = preprocess(Path(args.anonymized), Path(args.out), s["preprocess"], seed=s.get("seed", 42))
+    params = dict(s["preprocess"])
+    if args.workers:  # the rule passes its threads: the CPUs the (Slurm) job was given
+        params["workers"] = args.workers
+    stats = preprocess(Path(args.anonymized), Path(args.out), params, seed=s.get("seed", 42))
     print(json.dumps(stats["samples"]))
     return 0
 
@@ -156,6 +159,20 @@ def cmd_train(args) -> int:
     from haven.train import train
 
     s = _settings(args)
+    nproc = _train_processes(args, s["train"])
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # data parallel: the same command once per GPU under torchrun (one node; rank 0 writes)
+        import subprocess
+
+        argv = list(args.argv)
+        if "--nproc" in argv:  # the ranks need no --nproc (and torchrun would take it for its own)
+            at = argv.index("--nproc")
+            del argv[at:at + 2]
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "haven.cli", *argv]
+        log.info("train: %d data-parallel processes (torchrun)", nproc)
+        return subprocess.call(cmd)
     _lineage(args, s)
     pre = Path(args.preprocessed)
     tune_run = None
@@ -163,8 +180,23 @@ def cmd_train(args) -> int:
         tune_run = (yaml.safe_load(Path(args.best_config).read_text()) or {}).get("mlflow_run_id")
     summary = train(pre, Path(args.out), s["model"], s["train"], best_config=args.best_config,
                     seed=s.get("seed", 42), tracking=_tracking(s, data_hash=_data_hash(pre), tune_run_id=tune_run))
-    print(json.dumps({k: summary[k] for k in ("best_epoch", "best_val_balanced_accuracy", "epochs_run")}))
+    if summary:  # rank 0 (the others return nothing)
+        print(json.dumps({k: summary[k] for k in ("best_epoch", "best_val_balanced_accuracy", "epochs_run")}))
     return 0
+
+
+def _train_processes(args, train_cfg: dict) -> int:
+    """Data-parallel processes: --nproc, else config train.ddp (auto: one per visible GPU when several)."""
+    if args.nproc:
+        return args.nproc
+    ddp = train_cfg.get("ddp", "auto")
+    if ddp == "off":
+        return 1
+    if isinstance(ddp, int):
+        return ddp
+    from haven.tune import allocated_gpus
+
+    return max(1, allocated_gpus())
 
 
 def cmd_evaluate(args) -> int:
@@ -240,6 +272,24 @@ def _lineage(args, s: dict | None = None) -> None:
             os.environ.setdefault("HAVEN_WILDCARDS", f"project={project}")
 
 
+def cmd_profile(args) -> int:
+    from haven import cluster
+
+    if args.action == "site":
+        site = cluster.site_settings()
+        print(f"site file: {cluster.site_file()} ({'found' if cluster.site_file().is_file() else 'absent'})")
+        for kind in ("cpu", "gpu"):
+            res = cluster.rule_resources(kind, site)
+            print(f"{kind} rules: " + (" ".join(f"{k}={v}" for k, v in res.items()) or "(nothing set)"))
+        return 0
+    written = cluster.install_profiles(args.names, Path(args.dest) if args.dest else None, force=args.force)
+    for target in written:
+        print(f"installed {target}: `snakemake --profile {target.name}` now uses it")
+    print(f"site values (partition, account, GPU model): {cluster.site_file()} or HAVEN_SLURM_* variables "
+          "(`haven profile site` shows what the rules will ask for)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haven", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -248,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="create a pseudonymization key file (if missing)")
     p.add_argument("path")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("profile", help="install the Snakemake profiles where `--profile NAME` finds them; "
+                                       "show the site's Slurm values")
+    p.add_argument("action", choices=["install", "site"])
+    p.add_argument("names", nargs="*", default=["slurm", "local"], help="profiles to install (default: slurm local)")
+    p.add_argument("--dest", help="profile folder (default: $XDG_CONFIG_HOME/snakemake, i.e. ~/.config/snakemake)")
+    p.add_argument("--force", action="store_true", help="replace an installed profile that differs")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="generate a demo dataset from packages (no download)")
     p.add_argument("name", choices=["digits", "brain-ct"])
@@ -276,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="audited data → patient-level splits → Zarr shards (Dask)")
     p.add_argument("anonymized")
     p.add_argument("out")
+    p.add_argument("--workers", type=int, help="Dask worker processes (default: config preprocess.workers; "
+                                               "the rule passes its threads)")
     _stage_args(p)
     p.set_defaults(func=cmd_preprocess)
 
@@ -294,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preprocessed")
     p.add_argument("out")
     p.add_argument("--best-config", help="the tune stage's best_config.yaml")
+    p.add_argument("--nproc", type=int, help="data-parallel processes under torchrun (default: config train.ddp; "
+                                             "auto = one per visible GPU when there are several)")
     _stage_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -334,12 +396,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("distributed", "ray", "mlflow", "alembic", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from haven.cluster import SiteError
     from haven.config import ConfigError
     from haven.keys import KeyError_
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, KeyError_, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, SiteError, KeyError_, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"haven {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

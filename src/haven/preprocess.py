@@ -6,6 +6,15 @@ cluster (a local one by default), one task per Zarr chunk, and the workers write
 chunks straight into the store.  Images are stored as uint8 in [0, 255] (CT: one channel
 per HU window); the per-channel mean/std of the *train* split (in [0, 1] units) is stored
 with the data and applied by the trainer on the device.
+
+The Dask cluster is a ``LocalCluster`` of ``workers`` single-threaded processes inside the job
+(``dask.cluster: local``), or, with ``dask.cluster: slurm``, a dask-jobqueue ``SLURMCluster``
+whose workers are extra Slurm jobs (``dask.jobs`` jobs of ``dask.cores`` CPUs, on the site's
+partition and account, see :mod:`haven.cluster`); the code that runs on them is the same.
+
+2.5D (``slab: k``): a slice of a DICOM series is stored with its k neighbours on each side
+(ordered along the patient z axis, ``ImagePositionPatient``, else ``InstanceNumber``; the
+series' ends repeat the edge slice), so the channels are ``(2k+1) x windows``, slice-major.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,33 +139,115 @@ def decode_image(path: Path, mode: str) -> np.ndarray:
     return a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
 
 
-def load_sample(path: Path, kind: str, params: dict) -> np.ndarray:
-    """One file → uint8 (C, size, size)."""
+def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
+    """One file → float (C, size, size) in [0, 1], C = the channels of one slice."""
     mode, size = params["mode"], params["size"]
     a = decode_dicom(path, mode, params["windows"]) if kind == "dicom" else decode_image(path, "gray" if mode == "ct" else mode)
-    want = channels(params)
+    want = slice_channels(params)
     if a.shape[0] != want:
         a = np.repeat(a.mean(axis=0, keepdims=True), want, axis=0) if want == 3 or a.shape[0] == 3 else a[:want]
     a = _square(a)
-    out = np.stack([_resize(c, size) for c in a])
+    return np.stack([_resize(c, size) for c in a])
+
+
+def load_sample(path: Path | list, kind: str, params: dict) -> np.ndarray:
+    """One file (or, 2.5D, the list of a slab's files, centre in the middle) → uint8 (C, size, size)."""
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    out = np.concatenate([_one_slice(Path(p), kind, params) for p in paths])
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def load_batch(paths: list[str], kinds: list[str], params: dict) -> np.ndarray:
-    return np.stack([load_sample(Path(p), k, params) for p, k in zip(paths, kinds)])
+def load_batch(paths: list, kinds: list[str], params: dict) -> np.ndarray:
+    return np.stack([load_sample(p, k, params) for p, k in zip(paths, kinds)])
 
 
-def channels(params: dict) -> int:
+def slice_channels(params: dict) -> int:
     return {"gray": 1, "rgb": 3, "ct": len(params["windows"])}[params["mode"]]
 
 
+def channels(params: dict) -> int:
+    return slice_channels(params) * (2 * int(params.get("slab", 0) or 0) + 1)
+
+
+def _slice_position(path: str) -> tuple[float, float]:
+    """Where a slice lies along its series: z of ImagePositionPatient, else InstanceNumber."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                         specific_tags=["ImagePositionPatient", "InstanceNumber"])
+    try:
+        z = float(ds.ImagePositionPatient[2])
+    except Exception:
+        z = float("nan")
+    try:
+        number = float(ds.InstanceNumber)
+    except Exception:
+        number = float("nan")
+    return z, number
+
+
+def slab_members(client, rows: pd.DataFrame, data_dir: Path, k: int) -> list[list[str]]:
+    """For every row, the paths of its 2.5D slab: k neighbours on each side within its series,
+    in z order (edge slices repeated); rows without a series (plain images) get themselves."""
+    paths = [str(data_dir / f) for f in rows["file"]]
+    if k <= 0:
+        return [[p] for p in paths]
+    dicom = [i for i, kind in enumerate(rows["kind"]) if kind == "dicom" and rows["series"].iloc[i]]
+    futures = client.map(_slice_position, [paths[i] for i in dicom], pure=False)
+    pos = dict(zip(dicom, client.gather(futures)))
+    members = [[p] * (2 * k + 1) for p in paths]
+    series = rows["series"].to_numpy()
+    by_series: dict[str, list[int]] = {}
+    for i in dicom:
+        by_series.setdefault(series[i], []).append(i)
+    for idx in by_series.values():
+        def key(i):
+            z, number = pos[i]
+            return (0, z) if z == z else (1, number if number == number else 0.0, rows["file"].iloc[i])
+        order = sorted(idx, key=key)
+        for at, i in enumerate(order):
+            members[i] = [paths[order[min(max(at + d, 0), len(order) - 1)]] for d in range(-k, k + 1)]
+    return members
+
+
 # ---------------------------------------------------------------------------------------------
-def _client(workers: int):
+def _client(params: dict):
+    """The Dask client: a LocalCluster in this job, or worker jobs on Slurm (dask-jobqueue)."""
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", silence_logs=logging.WARNING)
-    return Client(cluster)
+    dask_cfg = params.get("dask") or {}
+    if dask_cfg.get("cluster", "local") == "local":
+        cluster = LocalCluster(n_workers=int(params.get("workers", 2)), threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=logging.WARNING)
+        return Client(cluster)
+    from dask_jobqueue import SLURMCluster
+
+    from haven.cluster import rule_resources, site_settings
+
+    site = rule_resources("cpu", site_settings())
+    cores = int(dask_cfg.get("cores", 4))
+    options = {"dashboard_address": ":0"}
+    if dask_cfg.get("scheduler_host"):
+        options["host"] = dask_cfg["scheduler_host"]
+    cluster = SLURMCluster(
+        cores=cores, processes=cores, memory=dask_cfg.get("memory", "8GB"),
+        walltime=dask_cfg.get("walltime", "01:00:00"), queue=dask_cfg.get("queue") or site.get("slurm_partition"),
+        account=dask_cfg.get("account") or site.get("slurm_account"), job_name="haven-dask",
+        python=sys.executable, log_directory=dask_cfg.get("log_directory"), scheduler_options=options,
+        silence_logs="warning", worker_extra_args=["--nthreads", "1"])
+    cluster.scale(jobs=int(dask_cfg.get("jobs", 2)))
+    client = Client(cluster)
+    try:
+        client.wait_for_workers(1, timeout=float(dask_cfg.get("timeout", 600)))
+    except Exception:
+        client.close()
+        cluster.close()
+        raise RuntimeError(f"no Dask worker job started on Slurm within {dask_cfg.get('timeout', 600)} s: check "
+                           "`squeue --name haven-dask` (partition, account and memory come from preprocess.dask "
+                           "and the site settings)") from None
+    log.info("dask: %d worker job(s) on Slurm, %d workers so far", int(dask_cfg.get("jobs", 2)),
+             len(client.scheduler_info()["workers"]))
+    return client
 
 
 def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str]) -> None:
@@ -175,7 +267,7 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
         compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
     )
     if n:
-        paths = [str(data_dir / f) for f in rows["file"]]
+        paths = slab_members(client, rows, data_dir, int(params.get("slab", 0) or 0))
         kinds = list(rows["kind"])
         blocks = [
             da.from_delayed(delayed(load_batch)(paths[i:i + chunk], kinds[i:i + chunk], params),
@@ -189,7 +281,8 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
         arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
         if n:
             arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
-    group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"]})
+    group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
+                        "slab": int(params.get("slab", 0) or 0)})
 
 
 def channel_stats(store: Path) -> tuple[list[float], list[float]]:
@@ -225,7 +318,7 @@ def preprocess(anon_dir: Path, out_dir: Path, params: dict, seed: int = 42) -> d
     manifest["split"] = manifest["patient"].map(split)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    client = _client(params["workers"])
+    client = _client(params)
     try:
         for name in SPLITS:
             rows = manifest[manifest["split"] == name].reset_index(drop=True)

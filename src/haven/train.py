@@ -3,8 +3,14 @@
 Schedule: a new head; ``freeze_epochs`` epochs with the backbone frozen (head only), then
 the whole backbone (or its last N stages) unfrozen with a smaller, discriminative learning
 rate.  AdamW, linear warmup then cosine decay, label smoothing, class-weighted loss, AMP
-(bf16) and channels_last on GPU.  A checkpoint (model, optimizer, scheduler, RNG states,
-history) is written atomically after every epoch; a new run resumes from it.
+(bf16, or fp16 with a gradient scaler) and channels_last on GPU.  A checkpoint (model, optimizer,
+scheduler, scaler, RNG states, history) is written atomically after every epoch; a new run
+resumes from it.
+
+Several GPUs: started under ``torchrun`` (``haven train`` re-launches itself so when the job sees
+more than one GPU), every rank trains a DistributedDataParallel replica on its own share of the
+Zarr chunks (the same seeded chunk order on every rank, dealt round-robin); rank 0 validates,
+checkpoints and writes the outputs.  The same code runs on CPUs with the gloo backend.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -63,13 +70,16 @@ class ZarrSplit:
 
     def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
                 buffer_chunks: int = 8, prefetch: int = 2, balanced: bool = False,
-                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                pin_memory: bool = False, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 images, labels) batches, reading whole Zarr chunks.
 
         With ``shuffle`` the chunk order is permuted and samples are shuffled inside a buffer
         of ``buffer_chunks`` chunks; ``prefetch`` buffers are read ahead by background threads
         (Blosc decompression releases the GIL).  ``balanced`` resamples each buffer with
         probabilities inversely proportional to class frequency (a balanced sampler).
+        ``shard=(rank, world)`` keeps every world-th chunk of the (shuffled) chunk order, from
+        ``rank`` on: the ranks of a data-parallel run read disjoint chunks.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -77,6 +87,8 @@ class ZarrSplit:
         starts = np.arange(0, n, self.chunk)
         if shuffle:
             starts = rng.permutation(starts)
+        rank, world = shard
+        starts = starts[rank::world]
         groups = [starts[g:g + buffer_chunks] for g in range(0, len(starts), buffer_chunks)]
         if balanced:
             counts = np.bincount(self.labels, minlength=len(self.classes)).astype(np.float64)
@@ -150,7 +162,49 @@ def seed_everything(seed: int) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)``: joins the process group when started by torchrun (NCCL on GPUs,
+    gloo on CPUs), else ``(0, 1)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_sum(values: list[float], world: int, dev: torch.device) -> list[float]:
+    if world <= 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=dev if dev.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_flag(flag: bool, world: int, dev: torch.device) -> bool:
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=dev if dev.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def _autocast(dev: torch.device, amp: str):
+    enabled = dev.type == "cuda" and amp in ("bf16", "fp16")
+    return torch.autocast(dev.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -169,14 +223,15 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: ZarrSplit, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, split: ZarrSplit, batch_size: int = 128, amp: str = "bf16"
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and labels for a whole split, in stored order."""
     dev = next(model.parameters()).device
     model.eval()
     probs, labels = [], []
     for x, y in split.batches(batch_size, shuffle=False):
         x = normalize(x.to(dev, non_blocking=True), split.mean, split.std)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with _autocast(dev, amp):
             logits = model(x)
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         labels.append(y.numpy())
@@ -185,10 +240,10 @@ def predict(model: nn.Module, split: ZarrSplit, batch_size: int = 128) -> tuple[
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def val_metrics(model: nn.Module, split: ZarrSplit) -> dict:
+def val_metrics(model: nn.Module, split: ZarrSplit, amp: str = "bf16") -> dict:
     from sklearn.metrics import balanced_accuracy_score
 
-    probs, y = predict(model, split)
+    probs, y = predict(model, split, amp=amp)
     if len(y) == 0:
         return {}
     pred = probs.argmax(1)
@@ -213,11 +268,12 @@ def _hparams(train: dict, overrides: dict | None) -> dict:
     return hp
 
 
-def _checkpoint_state(model, optimizer, scheduler, epoch, history, best, hp) -> bytes:
+def _checkpoint_state(model, optimizer, scheduler, scaler, epoch, history, best, hp) -> bytes:
     buf = io.BytesIO()
     torch.save({
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "history": history, "best": best, "hparams": hp,
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history, "best": best,
+        "hparams": hp,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }, buf)
     return buf.getvalue()
@@ -238,19 +294,18 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
     epochs = int(max_epochs or hp["epochs"])
     workdir = Path(workdir)
     ckpt_path = workdir / "checkpoints" / "last.pt"
-    torch.set_num_threads(int(hp.get("threads", 2)))
+    rank, world = distributed()
+    torch.set_num_threads(max(1, int(hp.get("threads", 2)) // world))  # the job's CPUs, shared by the ranks
     seed_everything(seed)
 
     train, val = ZarrSplit(train_store), ZarrSplit(val_store)
     n_classes = len(train.classes)
     dev = device()
+    amp = hp.get("amp", "bf16")
     model = build_model(backbone, n_classes, weights=model_cfg.get("weights"), in_chans=train.channels)
     model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-
-    if hp.get("compile") and dev.type == "cuda":
-        model = torch.compile(model)
     backbone_params, head_params = backbone_and_head(model)
     groups = [{"params": head_params, "lr": hp["lr"]},
               {"params": backbone_params, "lr": hp["lr"] * hp["backbone_lr_factor"]}]
@@ -258,10 +313,11 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
         optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=hp["weight_decay"])
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=hp["weight_decay"])
-    batch_size = int(hp["batch_size"])
-    steps_per_epoch = max(1, math.ceil(len(train) / batch_size))
+    batch_size = int(hp["batch_size"])  # per rank
+    steps_per_epoch = max(1, math.ceil(len(train) / (batch_size * world)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(epochs * steps_per_epoch, int(hp["warmup_epochs"] * steps_per_epoch)))
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and amp == "fp16")
     balance = hp.get("balance", "loss")
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(train.labels, n_classes).to(dev) if balance == "loss" else None,
@@ -277,6 +333,8 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             history, best, start = state["history"], state["best"], state["epoch"] + 1
             torch.set_rng_state(state["rng"]["torch"])
             np.random.set_state(state["rng"]["numpy"])
@@ -286,50 +344,85 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
             log.warning("ignoring %s: it was written with other hyperparameters", ckpt_path)
     resumed_from = start
 
+    compiled = torch.compile(model) if hp.get("compile") and dev.type == "cuda" else model
     unfreeze = hp.get("unfreeze", "all")
+    ddp, ddp_phase = compiled, None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         frozen = epoch < hp["freeze_epochs"]
         set_backbone_trainable(model, False if frozen else (True if unfreeze == "all" else int(unfreeze)))
+        if world > 1 and ddp_phase != frozen:
+            # DDP registers the parameters that need gradients when it is built: rebuilt per phase
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(compiled, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                          broadcast_buffers=False)
+            ddp_phase = frozen
         model.train()
         freeze_bn_stats(model)  # frozen stages keep their pretrained BatchNorm statistics
         total, seen = 0.0, 0
         rng = np.random.default_rng([seed, epoch])  # per-epoch order: a resumed run sees the same batches
-        aug_gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        for x, y in train.batches(batch_size, shuffle=True, rng=rng, balanced=balance == "sampler",
-                                  pin_memory=dev.type == "cuda"):
-            x = augment(normalize(x.to(dev, non_blocking=True), train.mean, train.std), aug_cfg, strength, aug_gen)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(y)
-            seen += len(y)
-        metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **val_metrics(model, val),
-                   "lr": optimizer.param_groups[0]["lr"], "frozen": int(frozen),
-                   "seconds": time.perf_counter() - t0, "images_per_s": seen / (time.perf_counter() - t0)}
-        history.append(metrics)
-        score = metrics.get("val_balanced_accuracy", -metrics["train_loss"])
-        if score > best["metric"]:
-            best = {"epoch": epoch, "metric": score}
-            atomic_write_bytes(workdir / "checkpoints" / "best.pt", _state_dict_bytes(model))
-        atomic_write_bytes(ckpt_path, _checkpoint_state(model, optimizer, scheduler, epoch, history, best, hp))
-        log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-        if report:
-            report(metrics)
-        if epoch - best["epoch"] >= hp["patience"]:
-            log.info("early stop: no improvement for %d epochs", hp["patience"])
+        aug_gen = torch.Generator().manual_seed(seed * 1000 + epoch * 997 + rank)
+        batches = train.batches(batch_size, shuffle=True, rng=rng, balanced=balance == "sampler",
+                                pin_memory=dev.type == "cuda", shard=(rank, world))
+        with _join(ddp, world):
+            for x, y in batches:
+                x = augment(normalize(x.to(dev, non_blocking=True), train.mean, train.std), aug_cfg, strength,
+                            aug_gen)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y.to(dev, non_blocking=True)
+                with _autocast(dev, amp):
+                    loss = loss_fn(ddp(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                total += float(loss.detach()) * len(y)
+                seen += len(y)
+        total, seen = _all_sum([total, float(seen)], world, dev)
+        elapsed = time.perf_counter() - t0
+        stop = False
+        if rank == 0:
+            metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **val_metrics(model, val, amp),
+                       "lr": optimizer.param_groups[0]["lr"], "frozen": int(frozen), "samples": int(seen),
+                       "seconds": time.perf_counter() - t0, "images_per_s": seen / elapsed}
+            history.append(metrics)
+            score = metrics.get("val_balanced_accuracy", -metrics["train_loss"])
+            if score > best["metric"]:
+                best = {"epoch": epoch, "metric": score}
+                atomic_write_bytes(workdir / "checkpoints" / "best.pt", _state_dict_bytes(model))
+            atomic_write_bytes(ckpt_path, _checkpoint_state(model, optimizer, scheduler, scaler, epoch, history,
+                                                            best, hp))
+            log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            if report:
+                report(metrics)
+            stop = epoch - best["epoch"] >= hp["patience"]
+            if stop:
+                log.info("early stop: no improvement for %d epochs", hp["patience"])
+        if _broadcast_flag(stop, world, dev):
             break
 
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written best.pt
     best_path = workdir / "checkpoints" / "best.pt"
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True))
     return Result(history, best["epoch"], best["metric"], model, resumed_from)
+
+
+def _join(ddp: nn.Module, world: int):
+    """Uneven shards: ranks that run out of batches shadow the others' all-reduces (DDP Join)."""
+    if world <= 1:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from torch.distributed.algorithms.join import Join
+
+    return Join([ddp])
 
 
 def _state_dict_bytes(model: nn.Module) -> bytes:
@@ -373,13 +466,21 @@ def train(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict, trai
     hp = _hparams(train_cfg, overrides)
     backbone = overrides.get("backbone", model_cfg["backbone"])
     result = fit(pre / "train.zarr", pre / "val.zarr", model_cfg, train_cfg, out, seed=seed, overrides=overrides)
+    rank, world = distributed()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:  # rank 0 writes the outputs
+            return {}
+    summary_extra = {"world_size": world}
     save_model(result, out / "model.pt", backbone, pre / "train.zarr", hp)
     (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # done: a forced re-run starts afresh
     history = pd.DataFrame(result.history)
     history.to_csv(out / "history.csv", index=False)
     summary = {"best_epoch": result.best_epoch, "best_val_balanced_accuracy": result.best_metric,
                "epochs_run": len(result.history), "resumed_from_epoch": result.resumed_from,
-               "hparams": hp, "backbone": backbone}
+               "hparams": hp, "backbone": backbone, **summary_extra}
     if tracking:
         summary["mlflow_run_id"] = _log_run(tracking, summary, history, out, pre)
     atomic_write_text(out / "run.json", json.dumps(summary, indent=2, default=str))
