@@ -1,33 +1,54 @@
-rule anonymize:
-    """De-identify every ingested file: keyed pseudonyms and UIDs, per-patient date shifts."""
+rule anonymize_shard:
+    """De-identify one shard's files: keyed pseudonyms and UIDs, per-patient date shifts."""
     input:
         unpack(source_inputs),
         manifest=P("ingest/manifest.csv"),
     output:
-        data=directory(P("anonymize/data")),
-        manifest=P("anonymize/manifest.csv"),
-        log_csv=P("anonymize/anonymization.log.csv"),
-        quarantine=P("anonymize/quarantine.csv"),
+        data=directory(P("anonymize/data/{shard}")),
+        manifest=P("anonymize/shards/{shard}/manifest.csv"),
+        log_csv=P("anonymize/shards/{shard}/anonymization.log.csv"),
+        quarantine=P("anonymize/shards/{shard}/quarantine.csv"),
     params:
         source=lambda w: project(w)["source"],
+        shards=lambda w: SHARDS[w.project],
         settings=settings("anonymize", secrets=True),
     resources:
         **CPU_SITE,
     log:
-        P("logs/anonymize.log"),
+        P("logs/anonymize/{shard}.log"),
     benchmark:
-        P("benchmarks/anonymize.tsv")
+        P("benchmarks/anonymize/{shard}.tsv")
     conda:
         "../envs/anonymize.yaml"
     shell:
         "haven anonymize {params.source:q} $(dirname {input.manifest:q}) $(dirname {output.manifest:q}) "
-        "--params {params.settings:q} > {log:q} 2>&1"
+        "--shard {wildcards.shard}/{params.shards} --data {output.data:q} --params {params.settings:q} > {log:q} 2>&1"
+
+
+rule anonymize:
+    """Merge the shards' pseudonymous manifests and logs (files stay in anonymize/data/<shard>/)."""
+    input:
+        shard_paths("anonymize/shards/{shard}/manifest.csv"),
+        shard_paths("anonymize/data/{shard}"),
+    output:
+        manifest=P("anonymize/manifest.csv"),
+        log_csv=P("anonymize/anonymization.log.csv"),
+        quarantine=P("anonymize/quarantine.csv"),
+    params:
+        shards=shard_paths("anonymize/shards/{shard}"),
+    localrule: True
+    log:
+        P("logs/anonymize.log"),
+    conda:
+        "../envs/anonymize.yaml"
+    shell:
+        "haven merge anonymize $(dirname {output.manifest:q}) {params.shards:q} > {log:q} 2>&1"
 
 
 rule audit:
     """The safe-haven gate: re-read every output and fail on any original identifier."""
     input:
-        data=P("anonymize/data"),
+        data=shard_paths("anonymize/data/{shard}"),
         manifest=P("anonymize/manifest.csv"),
         log_csv=P("anonymize/anonymization.log.csv"),
         identifiers=P("ingest/identifiers.csv"),

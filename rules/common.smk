@@ -3,6 +3,7 @@ import json
 
 from haven.cluster import cpus_per_gpu, rule_resources, site_settings
 from haven.config import digest
+from haven.shards import shard_count
 
 R = config["results"]
 PROJECTS = list(config["projects"])
@@ -12,10 +13,13 @@ DEMO_ROOT = "data/demo"
 SITE = site_settings()
 CPU_SITE = rule_resources("cpu", SITE)
 GPU_SITE = rule_resources("gpu", SITE)
+# Ingest and anonymize run as shards (haven.shards): `shards`, or files / `files_per_shard`.
+SHARDS = {name: shard_count(p) for name, p in config["projects"].items()}
 
 
 wildcard_constraints:
     project="|".join(PROJECTS),
+    shard=r"\d+",
 
 
 def P(path):
@@ -25,6 +29,11 @@ def P(path):
 
 def project(wildcards):
     return config["projects"][wildcards.project]
+
+
+def shard_paths(path):
+    """Input function: ``path`` (with {shard}) for every shard of the project."""
+    return lambda w: expand(P(path), project=w.project, shard=range(SHARDS[w.project]))
 
 
 def settings(*sections, secrets=False):

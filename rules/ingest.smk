@@ -14,25 +14,47 @@ rule demo_data:
         "haven demo {wildcards.demo} {output} > {log} 2>&1"
 
 
-rule ingest:
-    """Walk the source into a manifest; unreadable files go to the quarantine list."""
+rule ingest_shard:
+    """Walk the source; read the files of one shard into a manifest, unreadable ones quarantined."""
     input:
         unpack(source_inputs),
+    output:
+        manifest=P("ingest/shards/{shard}/manifest.csv"),
+        identifiers=P("ingest/shards/{shard}/identifiers.csv"),
+        quarantine=P("ingest/shards/{shard}/quarantine.csv"),
+    params:
+        source=lambda w: project(w)["source"],
+        shards=lambda w: SHARDS[w.project],
+        settings=settings("labels", "label_key", "label_column"),
+    resources:
+        **CPU_SITE,
+    log:
+        P("logs/ingest/{shard}.log"),
+    benchmark:
+        P("benchmarks/ingest/{shard}.tsv")
+    conda:
+        "../envs/ingest.yaml"
+    shell:
+        "haven ingest {params.source:q} $(dirname {output.manifest:q}) --shard {wildcards.shard}/{params.shards} "
+        "--params {params.settings:q} > {log:q} 2>&1"
+
+
+rule ingest:
+    """Merge the shards: one manifest, identifier list and quarantine list (duplicates across shards
+    quarantined)."""
+    input:
+        shard_paths("ingest/shards/{shard}/manifest.csv"),
     output:
         manifest=P("ingest/manifest.csv"),
         identifiers=P("ingest/identifiers.csv"),
         quarantine=P("ingest/quarantine.csv"),
     params:
-        source=lambda w: project(w)["source"],
+        shards=shard_paths("ingest/shards/{shard}"),
         settings=settings("labels", "label_key", "label_column"),
-    resources:
-        **CPU_SITE,
+    localrule: True
     log:
         P("logs/ingest.log"),
-    benchmark:
-        P("benchmarks/ingest.tsv")
     conda:
         "../envs/ingest.yaml"
     shell:
-        "haven ingest {params.source:q} $(dirname {output.manifest:q}) "
-        "--params {params.settings:q} > {log:q} 2>&1"
+        "haven merge ingest $(dirname {output.manifest:q}) {params.shards:q} --params {params.settings:q} > {log:q} 2>&1"

@@ -24,6 +24,7 @@ def demo(root, tmp_path_factory):
     """Run the embedded default config, with shorter training, end to end."""
     work = tmp_path_factory.mktemp("demo")
     conf = yaml.safe_load((root / "config.yaml").read_text())
+    conf["projects"]["brain-ct"]["shards"] = 2  # ingest and anonymize as two jobs each
     for p in conf["projects"].values():
         p["train"]["epochs"] = 3
         p["tune"]["num_samples"] = 3

@@ -768,11 +768,16 @@ def _sex(value: str) -> str:
 # the stage
 
 
-def _read_manifest(path: Path) -> list[dict]:
+def _read_manifest(path: Path):
+    """The ingest manifest's rows, streamed (a shard job holds only its own rows' results)."""
     if not path.is_file():
         raise FileNotFoundError(f"ingest manifest {path} not found: run `haven ingest` first")
-    with open(path, newline="") as fh:
-        return [dict(r) for r in csv.DictReader(fh)]
+
+    def rows():
+        with open(path, newline="") as fh:
+            yield from csv.DictReader(fh)
+
+    return rows()
 
 
 def _is_inside(path: Path, root: Path) -> bool:
@@ -784,17 +789,22 @@ def _is_inside(path: Path, root: Path) -> bool:
 
 
 def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
-              options: dict | None = None) -> dict:
+              options: dict | None = None, shard: tuple[int, int] = (0, 1), data_dir: Path | None = None) -> dict:
     """De-identify every row of ``ingest_dir/manifest.csv`` from ``source`` into ``out_dir``.
 
-    Returns ``{"inputs": n, "anonymized": n, "quarantined": n}``.
+    ``shard=(i, n)``: only the rows whose path falls in shard i of n (:func:`haven.shards.shard_of`),
+    their files into ``data_dir`` (default ``out_dir/data``); the shards' tables are merged by
+    :func:`haven.shards.merge_anonymize`.  Returns ``{"inputs": n, "anonymized": n, "quarantined": n}``.
     """
+    from haven.shards import shard_of
+
     source, ingest_dir, out_dir = Path(source), Path(ingest_dir), Path(out_dir)
     opts = _options(options)
     width = int(opts["age_band_width"])
     rows = _read_manifest(ingest_dir / "manifest.csv")
     actions = _option_actions(opts)  # a broken action table stops the run here, not per file
-    data_dir = out_dir / "data"
+    data_dir = Path(data_dir) if data_dir else out_dir / "data"
+    part, parts = shard
     data_dir.mkdir(parents=True, exist_ok=True)
     _remove_tmp(data_dir)
 
@@ -804,8 +814,12 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
     produced: dict[str, int] = {}
     uid_cache: dict[str, str] = {}
 
+    inputs = 0
     for index, row in enumerate(rows):
         rel_in = row.get("path", "")
+        if parts > 1 and shard_of(rel_in, parts) != part:
+            continue
+        inputs += 1
         kind = (row.get("kind") or "").strip().lower()
         try:
             src = source / rel_in
@@ -869,7 +883,7 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
     atomic_write_text(out_dir / "manifest.csv", csv_text(MANIFEST_COLUMNS, manifest))
     atomic_write_text(out_dir / "anonymization.log.csv", csv_text(LOG_COLUMNS, log_rows))
     atomic_write_text(out_dir / "quarantine.csv", csv_text(QUARANTINE_COLUMNS, quarantine))
-    summary = {"inputs": len(rows), "anonymized": len(manifest), "quarantined": len(quarantine)}
+    summary = {"inputs": inputs, "anonymized": len(manifest), "quarantined": len(quarantine)}
     log.info("anonymize: %(inputs)d inputs, %(anonymized)d anonymized, %(quarantined)d quarantined",
              summary)
     return summary

@@ -572,8 +572,8 @@ def _scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None =
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
-            if rel == SNAKEMAKE_MARKER and path.stat().st_size == 0:
-                continue  # Snakemake's empty marker in a directory() output
+            if name == SNAKEMAKE_MARKER and path.stat().st_size == 0:
+                continue  # Snakemake's empty marker in a directory() output (one per shard folder)
             files += 1
             patient = patient_of.get(rel) if patient_of else None
             findings.extend(_scan_file(path, rel, ids, patient))

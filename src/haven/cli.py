@@ -71,10 +71,12 @@ def cmd_demo(args) -> int:
 
 def cmd_ingest(args) -> int:
     from haven.ingest import ingest
+    from haven.shards import parse_shard
 
     s = _settings(args) if (args.params or args.config) else {}
     summary = ingest(Path(args.source), Path(args.out), labels=Path(s["labels"]) if s.get("labels") else None,
-                     label_key=s.get("label_key"), label_column=s.get("label_column", "label"))
+                     label_key=s.get("label_key"), label_column=s.get("label_column", "label"),
+                     shard=parse_shard(args.shard))
     print(json.dumps(summary))
     return 0
 
@@ -89,9 +91,25 @@ def _key(s: dict) -> bytes:
 
 def cmd_anonymize(args) -> int:
     from haven.anonymize import anonymize
+    from haven.shards import parse_shard
 
     s = _settings(args)
-    summary = anonymize(Path(args.source), Path(args.ingest), Path(args.out), _key(s), s.get("anonymize", {}))
+    summary = anonymize(Path(args.source), Path(args.ingest), Path(args.out), _key(s), s.get("anonymize", {}),
+                        shard=parse_shard(args.shard), data_dir=Path(args.data) if args.data else None)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from haven import shards
+
+    dirs, out = [Path(d) for d in args.shards], Path(args.out)
+    if args.stage == "ingest":
+        s = _settings(args) if (args.params or args.config) else {}
+        summary = shards.merge_ingest(dirs, out, labels=Path(s["labels"]) if s.get("labels") else None,
+                                      label_key=s.get("label_key"), label_column=s.get("label_column", "label"))
+    else:
+        summary = shards.merge_anonymize(dirs, out)
     print(json.dumps(summary))
     return 0
 
@@ -316,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="walk a source folder into a manifest; quarantine unreadable files")
     p.add_argument("source")
     p.add_argument("out")
+    p.add_argument("--shard", help="I/N: only the files of shard I of N (merge the shards with `haven merge`)")
     _stage_args(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -323,8 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("ingest", help="the ingest stage's output folder")
     p.add_argument("out")
+    p.add_argument("--shard", help="I/N: only the inputs of shard I of N (merge the shards with `haven merge`)")
+    p.add_argument("--data", help="folder for the de-identified files (default: OUT/data)")
     _stage_args(p)
     p.set_defaults(func=cmd_anonymize)
+
+    p = sub.add_parser("merge", help="merge the tables of ingest or anonymize shards into the stage's outputs")
+    p.add_argument("stage", choices=["ingest", "anonymize"])
+    p.add_argument("out", help="the stage's output folder")
+    p.add_argument("shards", nargs="+", help="the shards' output folders")
+    p.add_argument("--params", help="ingest: the label settings as JSON (to count label rows no file matched)")
+    p.add_argument("--config", help="config file (instead of --params)")
+    p.add_argument("--project", help="project name in the config (with --config)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("audit", help="re-scan anonymized output for any original identifier; exit 1 on a leak")
     p.add_argument("anonymized")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -181,14 +182,43 @@ def _read_dicom(path: Path, has_preamble: bool, check_pixels: bool):
     if "PixelData" not in ds:
         raise _Quarantine("no pixel data")
     for kw in ("Rows", "Columns"):
-        if not ds.get(kw):
+        if not _uint(ds, kw):
             raise _Quarantine(f"pixel data without {kw}")
     if check_pixels:
-        try:
-            ds.pixel_array  # noqa: B018 - decode once so that unreadable pixels are caught here
-        except Exception as e:
-            raise _Quarantine(f"pixel data cannot be decoded: {_reason(e, path)}") from None
+        _check_pixels(ds, path)
     return ds
+
+
+def _check_pixels(ds, path: Path) -> None:
+    """Quarantine pixel data that preprocess could not decode.  Compressed (encapsulated) data is
+    decoded once; native data needs no decoder, so checking that it holds every byte the image
+    description asks for is the same test without the cost of building the array."""
+    from pydicom.uid import UID
+
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or ""))
+    native = ts and not ts.is_compressed and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
+    if native:
+        try:
+            rows, cols, bits = _uint(ds, "Rows") or 0, _uint(ds, "Columns") or 0, _uint(ds, "BitsAllocated") or 0
+            samples = _uint(ds, "SamplesPerPixel") or 1
+            frames = int(_text(ds, "NumberOfFrames") or 1)
+            photometric = _text(ds, "PhotometricInterpretation")
+        except Exception as e:
+            raise _Quarantine(f"pixel data without a usable image description: {_reason(e, path)}") from None
+        if bits not in (1, 8, 16, 32, 64) or rows < 1 or cols < 1 or samples < 1 or frames < 1:
+            raise _Quarantine("pixel data with an impossible image description")
+        expected = (rows * cols * samples * frames * bits + 7) // 8
+        if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+            expected = expected * 2 // 3
+        pixels = ds.get_item(0x7FE00010).value  # raw bytes, not converted
+        if pixels is None or len(pixels) < expected:
+            raise _Quarantine(f"pixel data cannot be decoded: {len(pixels or b'')} bytes for an image of "
+                              f"{expected} bytes (truncated?)")
+        return
+    try:
+        ds.pixel_array  # noqa: B018 - decode once so that unreadable pixels are caught here
+    except Exception as e:
+        raise _Quarantine(f"pixel data cannot be decoded: {_reason(e, path)}") from None
 
 
 def _read_image(path: Path) -> tuple[int, int]:
@@ -206,7 +236,56 @@ def _read_image(path: Path) -> tuple[int, int]:
 # header fields
 
 
-def _text(ds, kw: str) -> str:
+# Raw values are decoded here directly when the character set is a single-byte Latin one or UTF-8
+# (what nearly every file declares): the same strings pydicom would give, without building its
+# value objects; any other case goes through pydicom.
+_FAST_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+
+
+def _codec(ds) -> str | None:
+    raw = ds._dict.get(0x00080005)
+    if raw is None:
+        return "latin-1"
+    value = raw.value
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
+    elif not isinstance(value, str):
+        value = "\\".join(str(v) for v in value)
+    return _FAST_CODECS.get(value.strip().strip("\x00").strip())
+
+
+def _raw_strings(ds, tag: int, vr: str, codec: str | None) -> list[str] | None:
+    """The element's values as strings straight from the raw bytes; None: ask pydicom."""
+    raw = ds._dict.get(tag)
+    if raw is None:
+        return []
+    value = getattr(raw, "value", None)
+    if codec is None or not getattr(raw, "is_raw", False) or not isinstance(value, (bytes, bytearray)):
+        return None
+    if vr not in STRING_VRS:
+        return None
+    try:
+        text = bytes(value).decode(codec)
+    except UnicodeDecodeError:
+        return None
+    text = text.rstrip("\x00 ")
+    if not text:
+        return []
+    return [text] if vr in _SINGLE_VALUED else text.split("\\")
+
+
+def _text(ds, kw: str, codec: str | None = "latin-1") -> str:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(kw)
+    raw = ds._dict.get(tag)
+    if raw is None:
+        return ""
+    vr = raw.VR if raw.VR not in (None, "UN") else dictionary_VR(tag)
+    fast = _raw_strings(ds, tag, vr, codec)
+    if fast is not None:
+        return "\\".join(v.strip() for v in fast).strip()
     v = ds.get(kw, "")
     if v is None:
         return ""
@@ -215,20 +294,38 @@ def _text(ds, kw: str) -> str:
     return str(v).strip()
 
 
+def _uint(ds, kw: str) -> int | None:
+    """A US/UL value (Rows, Columns, BitsAllocated, ...) from its raw bytes; None when absent."""
+    from pydicom.datadict import tag_for_keyword
+
+    raw = ds._dict.get(tag_for_keyword(kw))
+    if raw is None:
+        return None
+    value = getattr(raw, "value", None)
+    if getattr(raw, "is_raw", False) and isinstance(value, (bytes, bytearray)) and len(value) in (2, 4):
+        little = ds.is_little_endian if ds.is_little_endian is not None else True
+        return int.from_bytes(value, "little" if little else "big")
+    v = ds.get(kw)
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 
 
-def _age_years(ds) -> str:
-    m = _AGE.match(_text(ds, "PatientAge"))
+def _age_years(ds, codec: str | None = "latin-1") -> str:
+    m = _AGE.match(_text(ds, "PatientAge", codec))
     if m:
         n, unit = int(m.group(1)), (m.group(2) or "Y").upper()
         years = {"Y": n, "M": n / 12, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
         return _fmt_num(years)
-    birth = _date(_text(ds, "PatientBirthDate"))
+    birth = _date(_text(ds, "PatientBirthDate", codec))
     if birth is None:
         return ""
     for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        when = _date(_text(ds, kw))
+        when = _date(_text(ds, kw, codec))
         if when is not None and when >= birth:
             years = when.year - birth.year - ((when.month, when.day) < (birth.month, birth.day))
             return _fmt_num(years)
@@ -296,27 +393,62 @@ def _identifying(elem) -> bool:
     return kw in IDENTIFYING_KEYWORDS or kw in FREE_TEXT_KEYWORDS
 
 
-def _walk(ds, prefix: str = ""):
+@functools.lru_cache(maxsize=65536)
+def _may_identify(t: int, vr: str | None) -> bool:
+    """Whether the element (tag, VR as read) can hold an identifying value (sequences: yes, to
+    walk them) -- decided from the tag and VR alone, so that other elements are never decoded."""
+    from pydicom.datadict import DicomDictionary
+
+    group, number = t >> 16, t & 0xFFFF
+    if group & 1:  # private: everything textual but the creator
+        return not (0x0010 <= number <= 0x00FF) and (vr in (None, "UN", "SQ") or vr in STRING_VRS - {"DS", "IS"})
+    entry = DicomDictionary.get(t)
+    if vr in (None, "UN") and entry:
+        vr = entry[0]
+    if vr in ("SQ", "UN", None):
+        return True
+    keyword = entry[4] if entry else ""
+    return (vr in ("PN", "DA", "DT", "UI") or vr in TEXT_VRS or keyword in IDENTIFYING_KEYWORDS
+            or keyword in FREE_TEXT_KEYWORDS)
+
+
+def _walk(ds, prefix: str = "", codec: str | None = "latin-1"):
     """Yield (tag path, value) for every identifying value, recursively through sequences."""
-    for tag in list(ds.keys()):
+    from pydicom.datadict import DicomDictionary
+
+    for tag, raw in list(ds._dict.items()):
         if tag.group == 0x0002 or tag.group == 0x7FE0:
             continue
         try:
-            elem = ds[tag]  # converting a raw element may fail on a malformed value
-            name = prefix + _tag_name(elem)
-            if elem.VR == "SQ":
-                for i, item in enumerate(elem.value or []):
-                    yield from _walk(item, f"{name}[{i}].")
-                continue
-            if not _identifying(elem):
-                continue
-            for value in _strings(elem):
+            t = int(tag)
+            if not _may_identify(t, raw.VR):
+                continue  # left undecoded
+            entry = DicomDictionary.get(t) if not tag.group & 1 else None
+            vr = raw.VR if raw.VR not in (None, "UN") or entry is None else entry[0]
+            fast = None
+            if vr != "SQ" and not tag.group & 1 and entry is not None:
+                fast = _raw_strings(ds, t, vr, codec)
+            if fast is not None:
+                name, values = prefix + entry[4], fast
+                is_uid = vr == "UI"
+                private = False
+            else:
+                elem = ds[tag]  # converting a raw element may fail on a malformed value
+                name = prefix + _tag_name(elem)
+                if elem.VR == "SQ":
+                    for i, item in enumerate(elem.value or []):
+                        yield from _walk(item, f"{name}[{i}].", codec)
+                    continue
+                if not _identifying(elem):
+                    continue
+                values, is_uid, private = _strings(elem), elem.VR == "UI", elem.tag.is_private
+            for value in values:
                 value = value.strip().strip("\x00").strip()
                 if len(value) < MIN_VALUE_CHARS:
                     continue
-                if elem.VR == "UI" and value.startswith(STANDARD_UID_ROOT):
+                if is_uid and value.startswith(STANDARD_UID_ROOT):
                     continue
-                if elem.tag.is_private and _DECIMAL.match(value):
+                if private and _DECIMAL.match(value):
                     continue  # vendor measurements (1.016600): numbers, not identifiers
                 yield name, value[:MAX_VALUE_CHARS]
         except Exception:  # an unparsable element: skip it, keep walking
@@ -383,7 +515,7 @@ def _quiet_pydicom():
 
 
 def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: str | None = None,
-           label_column: str = "label", *, check_pixels: bool = True) -> dict:
+           label_column: str = "label", *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Walk ``source`` into ``out_dir/{manifest,identifiers,quarantine}.csv``.
 
     Labels: without a label table every file's label is the name of its parent folder (the
@@ -392,7 +524,9 @@ def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: s
     ``path``; by default the table's first column if it is one of these) and ``label_column``
     the label; a file without a label row is quarantined.  An optional ``patient`` column
     gives images their patient id.  ``check_pixels`` decodes every DICOM's pixel data once so
-    that undecodable files are quarantined here rather than later.
+    that undecodable files are quarantined here rather than later.  ``shard=(i, n)`` reads only
+    the files of shard i of n (:func:`haven.shards.shard_of`); the shards' outputs are merged by
+    :func:`haven.shards.merge_ingest`.
 
     Returns ``{"files", "accepted", "quarantined", "patients"}``.
     """
@@ -413,8 +547,13 @@ def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: s
     seen_ids: set[tuple[str, str, str]] = set()
     seen_sops: dict[str, str] = {}
 
+    from haven.shards import shard_of
+
+    index, shards = shard
     with _quiet_pydicom():
         for path, rel, problem in _iter_files(source, skip):
+            if shards > 1 and shard_of(rel, shards) != index:
+                continue
             try:
                 if problem:
                     raise _Quarantine(problem)
@@ -476,31 +615,45 @@ def _one(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tuple[str
     """Read one file: (manifest row without label, identifiers) or raise."""
     with open(path, "rb") as fh:
         head = fh.read(132)
+    if not head:
+        raise _Quarantine("empty file (0 bytes)")
     has_preamble = len(head) == 132 and head[128:132] == b"DICM"
     suffix = path.suffix.lower()
     if has_preamble or (suffix not in IMAGE_SUFFIXES and _looks_like_bare_dicom(head)):
         ds = _read_dicom(path, has_preamble, check_pixels)
+        codec = _codec(ds)
+
+        def text(kw):
+            return _text(ds, kw, codec)
+
         row = {
             "path": rel,
             "kind": "dicom",
-            "patient_id": _text(ds, "PatientID") or _text(ds, "StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
-            "study_uid": _text(ds, "StudyInstanceUID"),
-            "series_uid": _text(ds, "SeriesInstanceUID"),
-            "sop_uid": _text(ds, "SOPInstanceUID"),
-            "accession": _text(ds, "AccessionNumber"),
-            "modality": _text(ds, "Modality"),
+            "patient_id": text("PatientID") or text("StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
+            "study_uid": text("StudyInstanceUID"),
+            "series_uid": text("SeriesInstanceUID"),
+            "sop_uid": text("SOPInstanceUID"),
+            "accession": text("AccessionNumber"),
+            "modality": text("Modality"),
             "label": "",
-            "sex": _text(ds, "PatientSex").upper(),
-            "age": _age_years(ds),
-            "site": _text(ds, "InstitutionName"),
-            "rows": int(ds.Rows),
-            "cols": int(ds.Columns),
+            "sex": text("PatientSex").upper(),
+            "age": _age_years(ds, codec),
+            "site": text("InstitutionName"),
+            "rows": _uint(ds, "Rows"),
+            "cols": _uint(ds, "Columns"),
         }
-        return row, list(_walk(ds))
+        return row, list(_walk(ds, codec=codec))
     if suffix in IMAGE_SUFFIXES:
         rows, cols = _read_image(path)
         row = {k: "" for k in MANIFEST_COLUMNS}
         row.update(path=rel, kind="image", patient_id=str(PurePosixPath(rel).with_suffix("")),
                    rows=rows, cols=cols)
         return row, []
+    for magic, kind, ext in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            raise _Quarantine(f"a {kind} image with a {suffix or 'missing'} extension: rename it to {ext} to use it")
     raise _Quarantine(NOT_SUPPORTED)
+
+
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG", ".png"), (b"\xff\xd8\xff", "JPEG", ".jpg"),
+                (b"II*\x00", "TIFF", ".tif"), (b"MM\x00*", "TIFF", ".tif"), (b"BM", "BMP", ".bmp"))

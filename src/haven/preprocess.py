@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class AuditGateError(RuntimeError):
+class AuditGateError(ValueError):
     """Raised when the input did not pass the de-identification audit."""
 
 
@@ -157,8 +157,20 @@ def load_sample(path: Path | list, kind: str, params: dict) -> np.ndarray:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+class DecodeError(ValueError):
+    """An audited file that cannot be decoded; the message names it and what to do."""
+
+
 def load_batch(paths: list, kinds: list[str], params: dict) -> np.ndarray:
-    return np.stack([load_sample(p, k, params) for p, k in zip(paths, kinds)])
+    out = []
+    for p, k in zip(paths, kinds):
+        try:
+            out.append(load_sample(p, k, params))
+        except Exception as e:
+            name = p if isinstance(p, (str, Path)) else p[len(p) // 2]
+            raise DecodeError(f"{name} cannot be decoded ({type(e).__name__}: {e}); remove it from the source "
+                              "(ingest quarantines undecodable pixel data) and re-run the pipeline") from None
+    return np.stack(out)
 
 
 def slice_channels(params: dict) -> int:
@@ -218,7 +230,7 @@ def _client(params: dict):
     dask_cfg = params.get("dask") or {}
     if dask_cfg.get("cluster", "local") == "local":
         cluster = LocalCluster(n_workers=int(params.get("workers", 2)), threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=logging.WARNING)
+                               dashboard_address=":0", silence_logs=logging.CRITICAL)  # task errors reach the client
         return Client(cluster)
     from dask_jobqueue import SLURMCluster
 
