@@ -162,11 +162,11 @@ def _looks_like_bare_dicom(head: bytes) -> bool:
     return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
 
 
-def _read_dicom(path: Path, has_preamble: bool, check_pixels: bool):
+def _read_dicom(source, has_preamble: bool, check_pixels: bool, path: Path):
     import pydicom
     from pydicom import uid
 
-    ds = pydicom.dcmread(path, force=not has_preamble)
+    ds = pydicom.dcmread(source, force=not has_preamble)
     if not has_preamble and not ("SOPClassUID" in ds or "PatientID" in ds):
         raise _Quarantine(NOT_SUPPORTED)
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -189,14 +189,20 @@ def _read_dicom(path: Path, has_preamble: bool, check_pixels: bool):
     return ds
 
 
+@functools.lru_cache(maxsize=64)
+def _is_native(transfer_syntax: str) -> bool:
+    from pydicom.uid import UID
+
+    ts = UID(transfer_syntax)
+    return bool(transfer_syntax) and ts.is_transfer_syntax and not ts.is_compressed
+
+
 def _check_pixels(ds, path: Path) -> None:
     """Quarantine pixel data that preprocess could not decode.  Compressed (encapsulated) data is
     decoded once; native data needs no decoder, so checking that it holds every byte the image
     description asks for is the same test without the cost of building the array."""
-    from pydicom.uid import UID
-
-    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or ""))
-    native = ts and not ts.is_compressed and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
+    ts = ds.file_meta.get("TransferSyntaxUID", "") or ""
+    native = _is_native(str(ts)) and 0x7FE00008 not in ds._dict and 0x7FE00009 not in ds._dict
     if native:
         try:
             rows, cols, bits = _uint(ds, "Rows") or 0, _uint(ds, "Columns") or 0, _uint(ds, "BitsAllocated") or 0
@@ -275,14 +281,20 @@ def _raw_strings(ds, tag: int, vr: str, codec: str | None) -> list[str] | None:
     return [text] if vr in _SINGLE_VALUED else text.split("\\")
 
 
-def _text(ds, kw: str, codec: str | None = "latin-1") -> str:
+@functools.lru_cache(maxsize=256)
+def _tag_vr(kw: str) -> tuple[int, str]:
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     tag = tag_for_keyword(kw)
+    return tag, dictionary_VR(tag)
+
+
+def _text(ds, kw: str, codec: str | None = "latin-1") -> str:
+    tag, dict_vr = _tag_vr(kw)
     raw = ds._dict.get(tag)
     if raw is None:
         return ""
-    vr = raw.VR if raw.VR not in (None, "UN") else dictionary_VR(tag)
+    vr = raw.VR if raw.VR not in (None, "UN") else dict_vr
     fast = _raw_strings(ds, tag, vr, codec)
     if fast is not None:
         return "\\".join(v.strip() for v in fast).strip()
@@ -296,9 +308,7 @@ def _text(ds, kw: str, codec: str | None = "latin-1") -> str:
 
 def _uint(ds, kw: str) -> int | None:
     """A US/UL value (Rows, Columns, BitsAllocated, ...) from its raw bytes; None when absent."""
-    from pydicom.datadict import tag_for_keyword
-
-    raw = ds._dict.get(tag_for_keyword(kw))
+    raw = ds._dict.get(_tag_vr(kw)[0])
     if raw is None:
         return None
     value = getattr(raw, "value", None)
@@ -459,45 +469,46 @@ def _walk(ds, prefix: str = "", codec: str | None = "latin-1"):
 # the stage
 
 
-def _iter_files(source: Path, skip: Path | None):
-    """(path, relative posix path, symlink problem or None), sorted, hidden names skipped."""
+def _iter_files(source: Path, skip: Path | None, keep=None):
+    """(path, relative posix path, symlink problem or None), sorted, hidden names skipped; with
+    ``keep(rel)`` only those paths (a shard's files: the others are not even stat'ed)."""
     root = source.resolve()
     found = []
-    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
-        here = Path(dirpath)
-        keep = []
-        for d in dirnames:
-            if d.startswith("."):
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as it:
+            entries = list(it)
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            full = here / d
-            if skip is not None and full.resolve() == skip:
+            rel = prefix + e.name
+            if e.is_dir(follow_symlinks=False):
+                if skip is not None and Path(e.path).resolve() == skip:
+                    continue
+                walk(e.path, rel + "/")
                 continue
-            if full.is_symlink():
-                found.append((full, "symbolic link to a folder: not followed"))
+            if keep is not None and not keep(rel):
                 continue
-            keep.append(d)
-        dirnames[:] = sorted(keep)
-        for f in filenames:
-            if f.startswith("."):
-                continue
-            full = here / f
             problem = None
-            if full.is_symlink():
+            if e.is_symlink():
                 try:
-                    target = full.resolve(strict=True)
+                    target = Path(e.path).resolve(strict=True)
                 except (OSError, RuntimeError):
                     problem = "broken symbolic link"
                 else:
-                    if not target.is_relative_to(root):
+                    if target.is_dir():
+                        problem = "symbolic link to a folder: not followed"
+                    elif not target.is_relative_to(root):
                         problem = "symbolic link to a file outside the source: not followed"
                     elif not target.is_file():
                         problem = "symbolic link to something that is not a file"
-            elif not full.is_file():
+            elif not e.is_file(follow_symlinks=False):
                 problem = "not a regular file"
-            found.append((full, problem))
-    rows = [(p, p.relative_to(source).as_posix(), problem) for p, problem in found]
-    rows.sort(key=lambda r: r[1])
-    return rows
+            found.append((Path(e.path), rel, problem))
+
+    walk(str(source), "")
+    found.sort(key=lambda r: r[1])
+    return found
 
 
 @contextlib.contextmanager
@@ -550,10 +561,9 @@ def ingest(source: Path, out_dir: Path, labels: Path | None = None, label_key: s
     from haven.shards import shard_of
 
     index, shards = shard
+    keep = (lambda rel: shard_of(rel, shards) == index) if shards > 1 else None
     with _quiet_pydicom():
-        for path, rel, problem in _iter_files(source, skip):
-            if shards > 1 and shard_of(rel, shards) != index:
-                continue
+        for path, rel, problem in _iter_files(source, skip, keep):
             try:
                 if problem:
                     raise _Quarantine(problem)
@@ -615,12 +625,15 @@ def _one(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tuple[str
     """Read one file: (manifest row without label, identifiers) or raise."""
     with open(path, "rb") as fh:
         head = fh.read(132)
-    if not head:
-        raise _Quarantine("empty file (0 bytes)")
-    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
-    suffix = path.suffix.lower()
-    if has_preamble or (suffix not in IMAGE_SUFFIXES and _looks_like_bare_dicom(head)):
-        ds = _read_dicom(path, has_preamble, check_pixels)
+        if not head:
+            raise _Quarantine("empty file (0 bytes)")
+        has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+        suffix = path.suffix.lower()
+        dicom = has_preamble or (suffix not in IMAGE_SUFFIXES and _looks_like_bare_dicom(head))
+        if dicom:  # read from the open file: one open per file
+            fh.seek(0)
+            ds = _read_dicom(fh, has_preamble, check_pixels, path)
+    if dicom:
         codec = _codec(ds)
 
         def text(kw):
