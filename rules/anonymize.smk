@@ -55,6 +55,8 @@ rule audit:
     output:
         report(P("anonymize/audit.json"), caption="../workflow/report/audit.rst", category="1. Data",
                labels={"project": "{project}", "artefact": "audit"}),
+    params:
+        settings=settings("anonymize"),
     resources:
         **CPU_SITE,
     log:
@@ -62,4 +64,5 @@ rule audit:
     conda:
         "../envs/anonymize.yaml"
     shell:
-        "haven audit $(dirname {input.manifest:q}) --ingest $(dirname {input.identifiers:q}) > {log:q} 2>&1"
+        "haven audit $(dirname {input.manifest:q}) --ingest $(dirname {input.identifiers:q}) "
+        "--params {params.settings:q} > {log:q} 2>&1"

@@ -22,7 +22,10 @@ with the options haven needs for research (see :data:`DEFAULT_OPTIONS`):
   numbers, station names and other device identifiers of the table become keyed tokens
   ``D...`` so that the same device keeps one identity without its real value).
 
-Pixel data is never touched (no burnt-in text cleaning in this step).  Images (PNG, JPEG,
+Pixel data is copied as read, except in files that may carry burned-in text (BurnedInAnnotation
+YES, ultrasound, secondary captures, ...): :mod:`haven.redact` blacks the text out (configured
+rectangles, outside the ultrasound regions, OCR) and re-encodes the pixels as Explicit VR Little
+Endian, or the file is quarantined when it cannot be cleaned confidently.  Images (PNG, JPEG,
 TIFF, BMP) lose every metadata block: JPEG APPn/COM segments are cut at byte level (pixels
 bit-identical), the others are re-saved losslessly by PIL from their pixels.
 
@@ -57,7 +60,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from haven import keys
+from haven import keys, redact
+from haven.audit import STANDARD_SCHEMES
 from haven.io import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ DEFAULT_OPTIONS = {
     "retain_patient_characteristics": True,
     "retain_longitudinal_modified_dates": True,
     "max_shift_days": 3650,
+    "pixels": {},  # burned-in text cleaning: haven.redact.DEFAULT_PIXEL_OPTIONS
 }
 
 STANDARD_UID_ROOT = "1.2.840.10008."
@@ -327,6 +332,21 @@ def _clean(ds, ctx: _Context) -> None:
             else:
                 continue  # keep untouched (the raw value is not even decoded)
         _apply(ds, t, vr, action, ctx)
+    if 0x00080104 in ds and 0x00080102 in ds:
+        _clean_local_code(ds, ctx)
+
+
+def _clean_local_code(item, ctx: _Context) -> None:
+    """A code item of a local coding scheme (``SIEMENS_RIS``, ``99HOSP``...): its meaning is the
+    institution's own free text (often the study description), so it becomes the code value."""
+    scheme = str(item.get("CodingSchemeDesignator", "") or "").strip()
+    if scheme in STANDARD_SCHEMES:
+        return
+    value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
+    meaning = str(item.get("CodeMeaning", "") or "")
+    if meaning and meaning != value:
+        item.CodeMeaning = value or DUMMY_TEXT
+        ctx.changed += 1
 
 
 def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
@@ -418,13 +438,16 @@ def _options(options: dict | None) -> dict:
         raise ValueError(f"unknown anonymize option(s): {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(DEFAULT_OPTIONS)})")
     opts.update(options or {})
+    opts["pixels"] = redact.options(opts.get("pixels"))
     if int(opts["age_band_width"]) < 1 or int(opts["max_shift_days"]) < 1:
         raise ValueError("age_band_width and max_shift_days must be >= 1")
     return opts
 
 
-def _method(opts: dict) -> tuple[str, list[tuple[str, str]]]:
+def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[str, list[tuple[str, str]]]:
     codes = [CODE_BASIC]
+    if pixels_cleaned:
+        codes.append(redact.CODE_CLEAN_PIXELS)
     if opts["retain_longitudinal_modified_dates"]:
         codes.append(CODE_MODIFIED_DATES)
     if opts["retain_patient_characteristics"]:
@@ -522,6 +545,15 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
             ok = False
         if not ok:
             raise AnonymizeError(f"missing {kw}")
+    cleaned = redact.needs_cleaning(ds, opts["pixels"])
+    blacked = 0
+    if cleaned:
+        try:
+            blacked = redact.clean_pixels(ds, opts["pixels"])
+        except redact.PixelCleanError as e:
+            raise AnonymizeError(str(e)) from None
+        except Exception as e:
+            raise AnonymizeError(f"pixel cleaning failed ({type(e).__name__})") from None
     ts = _transfer_syntax(ds)
 
     patient_id = row.get("patient_id", "")
@@ -537,7 +569,7 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
     except Exception as e:
         raise AnonymizeError(f"de-identification failed ({type(e).__name__})") from None
 
-    text, codes = _method(opts)
+    text, codes = _method(opts, cleaned)
     ds.PatientID = pseudonym
     ds.PatientName = pseudonym
     ds.PatientIdentityRemoved = "YES"
@@ -567,7 +599,7 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     rel = f"{pseudonym}/{_safe(study)}/{_safe(sop)}{_DICOM_SUFFIX}"
-    return ds, rel, ctx.changed
+    return ds, rel, ctx.changed + blacked
 
 
 def _safe(name: str) -> str:

@@ -389,7 +389,62 @@ def _walk_dicom(ds, prefix: str = "") -> Iterator[tuple[str, str | None, str, bo
         yield where, elem.VR, "\\".join(values), not (elem.tag.group & 1)
 
 
-def _scan_dicom(path: Path, ids: Identifiers, patient: str | None) -> Iterator[tuple[str, str]]:
+_SLASH_DATE = re.compile(r"\b(\d{1,2})[/.\-](\d{1,2})[/.\-](\d{4})\b")
+_ISO_DATE = re.compile(r"\b(\d{4})[/.\-](\d{1,2})[/.\-](\d{1,2})\b")
+
+
+def pixel_text_variants(text: str) -> str:
+    """OCR text with its dates also written as DICOM dates (``03/02/2017`` -> ``20170302`` and
+    ``20170203``) and person-name punctuation (``DOE,JOHN``) as spaces, for matching."""
+    extra = []
+    for a, b, year in _SLASH_DATE.findall(text):
+        extra += [f"{year}{int(a):02d}{int(b):02d}", f"{year}{int(b):02d}{int(a):02d}"]
+    for year, m, d in _ISO_DATE.findall(text):
+        extra.append(f"{year}{int(m):02d}{int(d):02d}")
+    return "\n".join([text, text.replace(",", " ").replace("^", " "), *extra])
+
+
+class PixelText:
+    """Reads the burned-in text of DICOM files that may carry it (OCR), for the audit."""
+
+    def __init__(self, modalities: Iterable[str] | None = None, enabled: bool = True):
+        from haven import redact
+
+        self.modalities = {m.upper() for m in (modalities if modalities is not None
+                                                 else redact.DEFAULT_PIXEL_OPTIONS["modalities"])}
+        self.enabled = enabled and redact.ocr_available()
+        self.wanted = enabled
+        self.read = 0
+        self.not_read = 0
+
+    def applies(self, ds) -> bool:
+        if 0x7FE00010 not in ds:
+            return False
+        flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+        return flag == "YES" or str(ds.get("Modality", "") or "").strip().upper() in self.modalities
+
+    def text(self, ds) -> str | None:
+        """The pixel text (None: not read: no OCR engine, or undecodable pixels)."""
+        from haven import redact
+
+        if not self.enabled:
+            self.not_read += 1
+            return None
+        try:
+            arr = ds.pixel_array
+        except Exception:
+            self.not_read += 1
+            return None
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+        frames = arr if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[None]
+        texts = [redact.read_lines(redact.ocr_gray(frames[f], photometric))
+                 for f in redact.sample_frames(len(frames), redact.DEFAULT_PIXEL_OPTIONS["frames"])]
+        self.read += 1
+        return pixel_text_variants("\n".join(texts))
+
+
+def _scan_dicom(path: Path, ids: Identifiers, patient: str | None,
+                pixels: PixelText | None = None) -> Iterator[tuple[str, str]]:
     import warnings
 
     import pydicom
@@ -397,6 +452,10 @@ def _scan_dicom(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(path, force=True)
+        if pixels is not None and pixels.applies(ds):
+            text = pixels.text(ds)
+            for kind in ids.match(text or "", "LT", patient):
+                yield "(7FE0,0010) burned-in text", kind
     preamble = getattr(ds, "preamble", None)
     if preamble and preamble.strip(b"\x00"):
         for kind in ids.match(preamble.decode("latin-1"), "UN", patient):
@@ -525,7 +584,8 @@ def _is_dicom_file(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None) -> list[dict]:
+def _scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None,
+               pixels: PixelText | None = None) -> list[dict]:
     findings: list[dict] = []
     seen: set[tuple[str, str]] = set()
     # a finding must not carry the value: path components that match are redacted
@@ -551,7 +611,7 @@ def _scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None) -> l
         if path.suffix.lower() in IMAGE_SUFFIXES:
             hits = _scan_image(path, ids, patient)
         elif _is_dicom_file(path):
-            hits = _scan_dicom(path, ids, patient)
+            hits = _scan_dicom(path, ids, patient, pixels)
         else:
             hits = iter([("file", "unknown file type")])
         for where, kind in hits:
@@ -564,7 +624,8 @@ def _scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None) -> l
 SNAKEMAKE_MARKER = ".snakemake_timestamp"
 
 
-def _scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None = None) -> tuple[int, list]:
+def _scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None = None,
+               pixels: PixelText | None = None) -> tuple[int, list]:
     files = 0
     findings: list[dict] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -576,7 +637,7 @@ def _scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None =
                 continue  # Snakemake's empty marker in a directory() output (one per shard folder)
             files += 1
             patient = patient_of.get(rel) if patient_of else None
-            findings.extend(_scan_file(path, rel, ids, patient))
+            findings.extend(_scan_file(path, rel, ids, patient, pixels))
     return files, findings
 
 
@@ -602,22 +663,30 @@ def _scan_csv(path: Path, ids: Identifiers) -> list[dict]:
     return findings
 
 
-def _result(files: int, findings: list[dict], ids: Identifiers) -> dict:
-    return {"passed": not findings, "files": files, "findings": findings,
-            "identifiers": ids.count, "identifiers_not_searched": ids.skipped}
+def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelText | None = None) -> dict:
+    out = {"passed": not findings, "files": files, "findings": findings,
+           "identifiers": ids.count, "identifiers_not_searched": ids.skipped}
+    if pixels is not None:
+        out["pixel_text_read"] = pixels.read
+        out["pixel_text_not_read"] = pixels.not_read
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # entry points
 
 
-def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_days: int = 3650) -> dict:
+def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_days: int = 3650,
+          ocr_modalities: Iterable[str] | None = None, ocr: bool = True) -> dict:
     """Audit ``anon_dir`` (the anonymize stage's output) against ``ingest_dir``'s identifiers.
 
     Returns ``{"passed", "files", "findings": [{"file", "where", "kind"}], ...}``; a finding
     never carries the matched value.  ``key`` is optional: with it, a date that equals one of
     the patient's original dates *and* is the shifted image of another of them (a coincidence
-    of the day shift) is not reported.
+    of the day shift) is not reported.  Files that may carry burned-in text (BurnedInAnnotation
+    YES or one of ``ocr_modalities``, default :data:`haven.redact.DEFAULT_PIXEL_OPTIONS`) have
+    their pixels read by OCR and the text matched too (``ocr=False`` or no OCR engine: counted in
+    ``pixel_text_not_read``).
     """
     anon_dir, ingest_dir = Path(anon_dir), Path(ingest_dir)
     if not (ingest_dir / "identifiers.csv").is_file():
@@ -645,16 +714,17 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
                 patient_of[row["output"]] = inputs[index].get("patient_id", "")
 
     data = anon_dir / "data"
-    files, findings = _scan_tree(data, ids, patient_of) if data.is_dir() else (0, [])
+    pixels = PixelText(ocr_modalities, ocr)
+    files, findings = _scan_tree(data, ids, patient_of, pixels) if data.is_dir() else (0, [])
     for name in ("data", "manifest.csv", "anonymization.log.csv"):
         if not (anon_dir / name).exists():  # fail closed: an incomplete output is not clean
             findings.append({"file": name, "where": name, "kind": "missing"})
     for name in ("manifest.csv", "anonymization.log.csv"):
         findings.extend(_scan_csv(anon_dir / name, ids))
-    return _result(files, findings, ids)
+    return _result(files, findings, ids, pixels)
 
 
-def audit_tree(root: Path, identifiers: set[str] | Iterable[str] | Path | str) -> dict:
+def audit_tree(root: Path, identifiers: set[str] | Iterable[str] | Path | str, ocr: bool = True) -> dict:
     """Audit every file under ``root`` against ``identifiers``: an ``identifiers.csv`` path (its
     folder's ``manifest.csv`` is used too when present) or a set of values (kind ``identifier``)."""
     root = Path(root)
@@ -670,10 +740,11 @@ def audit_tree(root: Path, identifiers: set[str] | Iterable[str] | Path | str) -
     else:
         entries = [("", "identifier", v) for v in identifiers]
     ids = Identifiers(entries)
-    files, findings = _scan_tree(root, ids) if root.is_dir() else (0, [])
+    pixels = PixelText(None, ocr)
+    files, findings = _scan_tree(root, ids, None, pixels) if root.is_dir() else (0, [])
     if root.is_file():
-        files, findings = 1, _scan_file(root, root.name, ids, None)
-    return _result(files, findings, ids)
+        files, findings = 1, _scan_file(root, root.name, ids, None, pixels)
+    return _result(files, findings, ids, pixels)
 
 
 def write_audit_result(result: dict, out_json: Path) -> Path:

@@ -118,7 +118,10 @@ def cmd_audit(args) -> int:
     from haven.audit import audit, write_audit_result
 
     anon = Path(args.anonymized)
-    result = audit(anon, Path(args.ingest))
+    s = _settings(args) if (args.params or args.config) else {}
+    pixels = (s.get("anonymize") or {}).get("pixels") or {}
+    result = audit(anon, Path(args.ingest), ocr_modalities=pixels.get("modalities"),
+                   ocr=pixels.get("clean", "auto") != "off")
     passed = result["passed"]
     target = anon / ("audit.json" if passed else "audit.failed.json")
     (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)
@@ -359,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="re-scan anonymized output for any original identifier; exit 1 on a leak")
     p.add_argument("anonymized")
     p.add_argument("--ingest", required=True, help="the ingest stage's output folder (identifiers seen)")
+    _stage_args(p)  # optional: anonymize.pixels.modalities are the files whose pixel text is read (OCR)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("preprocess", help="audited data → patient-level splits → Zarr shards (Dask)")
