@@ -60,6 +60,10 @@ def junk(tmp_path):
     (src / "folder.dcm" / "x.txt").write_text("x")
     locked = _ct(src / "locked.dcm", "1.2.3.4.2")
     locked.chmod(0)
+    import zipfile  # an archive holding a DICOM (deid-data's CINE loops come like this)
+
+    with zipfile.ZipFile(src / "cine.zip", "w") as z:
+        z.writestr("DOE_JOHN/cine.dcm", raw)
     src = src.parent
     return src
 
@@ -76,7 +80,10 @@ def test_bad_files_are_quarantined_with_reasons_and_no_traceback(junk, tmp_path)
     assert "truncated" in q["c/truncated.dcm"]
     assert q["c/scan.dcm"] == "a PNG image with a .dcm extension: rename it to .png to use it"
     assert "not DICOM" in q["c/folder.dcm/x.txt"]
-    assert len(q) == 5
+    assert q["c/cine.zip"].startswith("an archive") and "unpack it into the source folder" in q["c/cine.zip"]
+    assert len(q) == 6
+    # nothing was unpacked: no member name anywhere under the source or the output
+    assert not [p for p in tmp_path.rglob("*") if "DOE_JOHN" in p.name]
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed to drop root")

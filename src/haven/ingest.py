@@ -662,6 +662,11 @@ def _one(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tuple[str
         row.update(path=rel, kind="image", patient_id=str(PurePosixPath(rel).with_suffix("")),
                    rows=rows, cols=cols)
         return row, []
+    if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh")) or suffix in (
+            ".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar"):
+        # never unpacked here: members would be PHI written outside the output and quarantine
+        raise _Quarantine("an archive (zip/gzip/7z/rar/tar): unpack it into the source folder to use "
+                          "its files")
     for magic, kind, ext in _IMAGE_MAGIC:
         if head.startswith(magic):
             raise _Quarantine(f"a {kind} image with a {suffix or 'missing'} extension: rename it to {ext} to use it")
