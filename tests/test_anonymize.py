@@ -454,6 +454,32 @@ def test_options_change_the_profile(corpus, tmp_path):
         anonymize(corpus["source"], corpus["ingest"], out, KEY, {"retain_everything": True})
 
 
+def test_clean_descriptors_and_retain_uids(corpus, tmp_path):
+    """The two options the basic profile leaves off: descriptions kept without the file's names,
+    ids and dates; original UIDs kept.  The audit passes only when told the options were on."""
+    out = tmp_path / "descriptors"
+    anonymize(corpus["source"], corpus["ingest"], out, KEY, {"clean_descriptors": True, "retain_uids": True})
+    log_rows = _read_rows(out / "anonymization.log.csv")
+    rel = corpus["paths"][("PID-1001-XY", 0, 1)]
+    index = next(i for i, r in enumerate(corpus["rows"]) if r["path"] == rel)
+    entry = next(r for r in log_rows if int(r["input_index"]) == index)
+    ds = pydicom.dcmread(out / "data" / entry["output"])
+    assert ds.StudyDescription == "CT HEAD for"
+    assert ds.ImageComments.startswith("follow-up of") and "DOE" not in ds.ImageComments.upper()
+    assert "HOUSE" not in ds.ImageComments.upper() and "GREGORY" not in ds.ImageComments.upper()
+    assert ds.SOPInstanceUID == _uid(1, 0, 1, 1) and ds.StudyInstanceUID == _uid(1, 0)
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == _uid(1, 0, 1, 0)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    codes = {i.CodeValue for i in ds.DeidentificationMethodCodeSequence}
+    assert {"113105", "113110"} <= codes
+    assert audit(out, corpus["ingest"], clean_descriptors=True, retain_uids=True)["passed"]
+    kinds = {f["kind"] for f in audit(out, corpus["ingest"])["findings"]}
+    assert "SOPInstanceUID" in kinds  # a gate told nothing sees the kept UIDs as leaks
+    from haven.anonymize import scrub
+
+    assert scrub("Seen 03/12/1970 MRN 99887766", None) == "Seen MRN"
+
+
 def test_age_band():
     assert age_band("45", 10) == "40-49" and age_band(45.9, 5) == "45-49"
     assert age_band("", 10) == "" and age_band("abc", 10) == "" and age_band("93", 10) == "90+"

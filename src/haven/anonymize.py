@@ -79,6 +79,8 @@ DEFAULT_OPTIONS = {
     "retain_patient_characteristics": True,
     "retain_longitudinal_modified_dates": True,
     "max_shift_days": 3650,
+    "clean_descriptors": False,
+    "retain_uids": False,
     "pixels": {},  # burned-in text cleaning: haven.redact.DEFAULT_PIXEL_OPTIONS
 }
 
@@ -91,6 +93,18 @@ CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
 CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
 CODE_DEVICE_IDENTITY = ("113109", "Retain Device Identity Option")
+CODE_CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
+CODE_RETAIN_UIDS = ("113110", "Retain UIDs Option")
+
+# Descriptions kept under Clean Descriptors, with every identifying value of their file (names,
+# ids, dates in any common spelling, institution, long numbers) cut out of them.  Patient-level
+# free text (history, comments, allergies, ...) stays removed even then.
+CLEAN_DESCRIPTORS = (
+    "StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
+    "RequestedProcedureDescription", "ScheduledProcedureStepDescription", "ImageComments",
+    "AcquisitionComments", "DerivationDescription", "FrameComments", "ContrastBolusAgent",
+    "BodyPartExamined",
+)
 
 # Attributes that Table E.1-1 marks K under Retain Patient Characteristics.
 PATIENT_CHARACTERISTICS = (
@@ -152,8 +166,8 @@ def _tag_int(text: str) -> int | None:
     return int(m.group(1) + m.group(2), 16) if m else None
 
 
-@lru_cache(maxsize=16)
-def _actions(dates: bool, patient: bool, device: bool) -> dict[int, str]:
+@lru_cache(maxsize=32)
+def _actions(dates: bool, patient: bool, device: bool, descriptors: bool = False) -> dict[int, str]:
     """Tag -> action for one option set, with the options applied (computed once)."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
@@ -188,6 +202,9 @@ def _actions(dates: bool, patient: bool, device: bool) -> dict[int, str]:
             t = tag(kw)
             vr = dictionary_VR(t)
             actions[t] = "U" if vr == "UI" else "X" if vr == "SQ" else "T"
+    if descriptors:
+        for kw in CLEAN_DESCRIPTORS:
+            actions[tag(kw)] = "S"
     for kw in ("PatientID", "PatientName"):
         actions[tag(kw)] = "P"
     for kw in ("SOPClassUID", "ReferencedSOPClassUID"):
@@ -218,10 +235,12 @@ def profile_size() -> int:
 class _Context:
     """Everything one DICOM file needs: key, patient pseudonym, date shift, counters."""
 
-    __slots__ = ("key", "pseudonym", "shift", "actions", "changed", "uid_cache")
+    __slots__ = ("key", "pseudonym", "shift", "actions", "changed", "uid_cache", "retain_uids", "phi")
 
     def __init__(self, key: bytes, pseudonym: str, shift: int, actions: dict[int, str],
-                 uid_cache: dict[str, str]):
+                 uid_cache: dict[str, str], retain_uids: bool = False, phi: re.Pattern | None = None):
+        self.retain_uids = retain_uids
+        self.phi = phi
         self.key = key
         self.pseudonym = pseudonym
         self.shift = shift
@@ -256,6 +275,62 @@ def _shift_datetime(value: str, days: int) -> str:
         return ""  # a year or year+month only cannot be shifted exactly: drop it
     head = _shift_date(s[:8], days)
     return head + s[8:] if head else ""
+
+
+_LONG_NUMBER = re.compile(r"(?<![0-9])[0-9]{5,}(?![0-9])")
+_DATE_LIKE = re.compile(r"(?<![0-9])([0-9]{1,4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,4})(?![0-9])")
+
+
+def phi_pattern(ds) -> re.Pattern | None:
+    """One regex for every identifying value of a data set (recursively): person-name parts, ids,
+    institution and station names, and each date in the spellings people type."""
+    from haven.ingest import IDENTIFYING_KEYWORDS
+
+    terms: set[str] = set()
+
+    def walk(d) -> None:
+        for elem in d:
+            vr = elem.VR
+            if vr == "SQ":
+                for item in elem.value or []:
+                    walk(item)
+                continue
+            if vr not in ("PN", "DA", "DT", "LO", "SH", "CS", "ST") or elem.tag.is_private:
+                continue
+            if vr not in ("PN", "DA", "DT") and elem.keyword not in IDENTIFYING_KEYWORDS:
+                continue
+            for v in _values(elem.value):
+                v = str(v).strip()
+                if not v:
+                    continue
+                if vr == "PN":
+                    terms.update(p for p in re.split(r"[\^= ,]+", v) if len(p) >= 2)
+                elif vr in ("DA", "DT"):
+                    y, m, dd = v[:4], v[4:6], v[6:8]
+                    if len(v) >= 8 and v[:8].isdigit():
+                        for a, b in ((m, dd), (dd, m)):
+                            terms.update({f"{y}{a}{b}", f"{y}-{a}-{b}", f"{y}.{a}.{b}", f"{y}/{a}/{b}",
+                                          f"{a}/{b}/{y}", f"{a}.{b}.{y}", f"{a}-{b}-{y}",
+                                          f"{int(a)}/{int(b)}/{y}", f"{a}/{b}/{y[2:]}"})
+                else:
+                    terms.add(v)
+                    terms.update(w for w in v.split() if len(w) >= 4)
+    walk(ds)
+    terms = {t for t in terms if len(t) >= 2}
+    if not terms:
+        return None
+    alternation = "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
+    return re.compile(rf"(?<![0-9A-Za-z])(?:{alternation})(?![0-9A-Za-z])", re.IGNORECASE)
+
+
+def scrub(text: str, phi: re.Pattern | None) -> str:
+    """``text`` without the identifying values of ``phi``, long numbers and dates."""
+    if phi is not None:
+        text = phi.sub(" ", text)
+    text = _DATE_LIKE.sub(" ", _LONG_NUMBER.sub(" ", text))
+    text = re.sub(r"\(\s*\)|\[\s*\]", " ", re.sub(r"[\^=]+", " ", text))  # name separators, emptied brackets
+    text = re.sub(r"\s+", " ", text).strip(" ,;:-/")
+    return text if any(c.isalnum() for c in text) else ""
 
 
 def _values(value) -> list:
@@ -380,6 +455,15 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
         ctx.changed += 1
         return
     elem = ds[t]
+    if action == "S":  # Clean Descriptors: the text without this file's identifying values
+        old = [str(v) for v in _values(elem.value)]
+        new = [scrub(v, ctx.phi) for v in old]
+        if new != old:
+            _set(ds, t, vr, new if len(new) > 1 else (new[0] if new else ""))
+            ctx.changed += 1
+        return
+    if vr == "UI" and ctx.retain_uids:
+        return  # Retain UIDs option
     if vr == "UI" and action in ("U", "D", "C", "T"):
         old = _values(elem.value)
         # a standard UID (SOP classes, coding schemes, ...) is kept everywhere, so that
@@ -448,12 +532,16 @@ def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[str, list[tuple[s
     codes = [CODE_BASIC]
     if pixels_cleaned:
         codes.append(redact.CODE_CLEAN_PIXELS)
+    if opts["clean_descriptors"]:
+        codes.append(CODE_CLEAN_DESCRIPTORS)
     if opts["retain_longitudinal_modified_dates"]:
         codes.append(CODE_MODIFIED_DATES)
     if opts["retain_patient_characteristics"]:
         codes.append(CODE_PATIENT_CHARACTERISTICS)
     if opts["retain_device_identity"]:
         codes.append(CODE_DEVICE_IDENTITY)
+    if opts["retain_uids"]:
+        codes.append(CODE_RETAIN_UIDS)
     text = "haven basic profile; options: " + (" ".join(c for c, _ in codes[1:]) or "none")
     return text, codes
 
@@ -516,7 +604,8 @@ def _check_complete(ds) -> None:
 def _option_actions(opts: dict) -> dict[int, str]:
     return _actions(bool(opts["retain_longitudinal_modified_dates"]),
                     bool(opts["retain_patient_characteristics"]),
-                    bool(opts["retain_device_identity"]))
+                    bool(opts["retain_device_identity"]),
+                    bool(opts["clean_descriptors"]))
 
 
 def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: dict,
@@ -561,7 +650,13 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
     shift = keys.day_shift(key, patient_id, int(opts["max_shift_days"]))
     if actions is None:
         actions = _option_actions(opts)
-    ctx = _Context(key, pseudonym, shift, actions, uid_cache)
+    phi = None
+    if opts["clean_descriptors"]:
+        try:
+            phi = phi_pattern(ds)
+        except Exception as e:
+            raise AnonymizeError(f"identifying values could not be collected ({type(e).__name__})") from None
+    ctx = _Context(key, pseudonym, shift, actions, uid_cache, bool(opts["retain_uids"]), phi)
     try:
         _clean(ds, ctx)
     except AnonymizeError:

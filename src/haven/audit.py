@@ -148,9 +148,15 @@ def _trie_pattern(words: Iterable[str]) -> str:
 class Identifiers:
     """Every identifying value, compiled for one-pass matching of a text against all of them."""
 
-    def __init__(self, entries: Iterable[tuple[str, str, str]], shifts: dict[str, int] | None = None):
+    def __init__(self, entries: Iterable[tuple[str, str, str]], shifts: dict[str, int] | None = None,
+                 retained: Iterable[str] = (), retain_uids: bool = False):
         """``entries``: (patient_id, kind, value).  ``shifts``: patient -> day shift (optional;
-        with it, a date that is the shifted image of one of the patient's dates is not a leak)."""
+        with it, a date that is the shifted image of one of the patient's dates is not a leak).
+        ``retained``: keywords of free text kept on purpose (Clean Descriptors), not matched as a
+        whole value (the names and ids inside them still are); ``retain_uids``: UIDs are kept
+        (Retain UIDs option) and not searched."""
+        self.retained = frozenset(retained)
+        self.retain_uids = retain_uids
         self.long: dict[str, set[str]] = {}  # substring
         self.digits: set[str] = set()  # long all-digit ids: tokens only inside numeric VRs
         self.short: dict[str, set[str]] = {}  # exact token
@@ -176,6 +182,10 @@ class Identifiers:
             return
         vr, keyword = _kind_vr(kind)
         lower = keyword.lower()
+        if (keyword in self.retained and vr != "PN") or (self.retain_uids and (
+                vr == "UI" or keyword in ("study_uid", "series_uid", "sop_uid"))):
+            self.skipped += 1  # kept by a profile option
+            return
         if vr in ("TM", "AS") or keyword in RETAINED_KEYWORDS or (
                 vr is None and lower.endswith("time") and "date" not in lower):
             self.skipped += 1  # retained by design (times of day, patient characteristics)
@@ -677,7 +687,8 @@ def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelTex
 
 
 def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_days: int = 3650,
-          ocr_modalities: Iterable[str] | None = None, ocr: bool = True) -> dict:
+          ocr_modalities: Iterable[str] | None = None, ocr: bool = True, clean_descriptors: bool = False,
+          retain_uids: bool = False) -> dict:
     """Audit ``anon_dir`` (the anonymize stage's output) against ``ingest_dir``'s identifiers.
 
     Returns ``{"passed", "files", "findings": [{"file", "where", "kind"}], ...}``; a finding
@@ -686,7 +697,8 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
     of the day shift) is not reported.  Files that may carry burned-in text (BurnedInAnnotation
     YES or one of ``ocr_modalities``, default :data:`haven.redact.DEFAULT_PIXEL_OPTIONS`) have
     their pixels read by OCR and the text matched too (``ocr=False`` or no OCR engine: counted in
-    ``pixel_text_not_read``).
+    ``pixel_text_not_read``).  ``clean_descriptors``/``retain_uids``: the anonymize options of
+    that name were on (the descriptions' whole values and the UIDs are then not searched).
     """
     anon_dir, ingest_dir = Path(anon_dir), Path(ingest_dir)
     if not (ingest_dir / "identifiers.csv").is_file():
@@ -698,7 +710,12 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
         from haven import keys
 
         shifts = {p: keys.day_shift(key, p, max_shift_days) for p in {e[0] for e in entries if e[0]}}
-    ids = Identifiers(entries, shifts)
+    retained = ()
+    if clean_descriptors:
+        from haven.anonymize import CLEAN_DESCRIPTORS
+
+        retained = CLEAN_DESCRIPTORS
+    ids = Identifiers(entries, shifts, retained, retain_uids)
 
     # link every output file to the patient of its input (for the per-patient date check)
     patient_of: dict[str, str] = {}

@@ -119,9 +119,12 @@ def cmd_audit(args) -> int:
 
     anon = Path(args.anonymized)
     s = _settings(args) if (args.params or args.config) else {}
-    pixels = (s.get("anonymize") or {}).get("pixels") or {}
+    options = s.get("anonymize") or {}
+    pixels = options.get("pixels") or {}
     result = audit(anon, Path(args.ingest), ocr_modalities=pixels.get("modalities"),
-                   ocr=pixels.get("clean", "auto") != "off")
+                   ocr=pixels.get("clean", "auto") != "off",
+                   clean_descriptors=bool(options.get("clean_descriptors")),
+                   retain_uids=bool(options.get("retain_uids")))
     passed = result["passed"]
     target = anon / ("audit.json" if passed else "audit.failed.json")
     (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)
