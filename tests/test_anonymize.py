@@ -250,9 +250,23 @@ def test_profile_table_is_large_and_well_formed():
     from haven.anonymize import load_profile
 
     table = load_profile()
-    assert profile_size() >= 300
+    assert profile_size() >= 650
     assert table["(0010,0010)"] == "Z" and table["(0020,000d)"] == "U" and table["(0008,0080)"] == "D"
     assert set(table.values()) <= {"X", "Z", "D", "U", "K", "C"}
+
+
+def test_profile_table_holds_every_attribute_of_the_standard():
+    """Against the 2026c edition of Table E.1-1 (dicom-anonymizer's machine-readable copy): every
+    attribute present, with the action its compound code resolves to."""
+    from haven import ps315
+    from haven.anonymize import PROFILE_PATH, load_profile
+
+    standard = ps315.standard_table()
+    assert len(standard) >= 650
+    table = load_profile()
+    assert ps315.missing(PROFILE_PATH) == []
+    wrong = {t: (a, table[t]) for t, (_, a) in standard.items() if table.get(t) != a}
+    assert not wrong
 
 
 def test_summary_log_and_manifest(corpus):
