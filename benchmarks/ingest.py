@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--files-per-shard", type=int, default=5000)
     ap.add_argument("--work", default="/tmp/haven-ingest-bench")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the peak-RSS runs (100k files)")
     args = ap.parse_args()
     work = Path(args.work)
     small, sizes = args.sizes[0], args.sizes
@@ -92,6 +93,11 @@ def main() -> int:
 
     t_header, t_pixels = bare(files, "header"), bare(files, "pixels")
     t_save = bare(files, "save", out / "bare")
+    from haven.ingest import ingest  # in this process, like the bare loops (no interpreter start-up)
+
+    t0 = time.perf_counter()
+    ingest(src, out / "ingest-inproc")
+    t_inproc = time.perf_counter() - t0
     t_ingest, _ = haven("ingest", str(src), str(out / "ingest"), "--params", PARAMS)
     t_ingest2 = haven_parallel([["ingest", str(src), str(out / f"ingest2-{i}"), "--shard", f"{i}/2",
                                  "--params", PARAMS] for i in range(2)])
@@ -104,12 +110,16 @@ def main() -> int:
     print(f"  bare dcmread + pixel_array        {rate(t_pixels):8.0f} files/s")
     print(f"  haven ingest, 1 worker            {rate(t_ingest):8.0f} files/s  = {t_header / t_ingest:.0%} of the "
           f"header loop, {t_pixels / t_ingest:.0%} of header+pixels (process start-up included)")
+    print(f"  haven ingest, in this process     {rate(t_inproc):8.0f} files/s  = {t_header / t_inproc:.0%} of the "
+          f"header loop (same conditions as the bare loops)")
     print(f"  haven ingest, 2 workers (shards)  {rate(t_ingest2):8.0f} files/s  scaling efficiency "
           f"{t_ingest / t_ingest2 / 2:.0%}")
     print(f"  bare dcmread + save_as            {rate(t_save):8.0f} files/s")
     print(f"  haven anonymize, 1 worker         {rate(t_anon):8.0f} files/s  = {t_save / t_anon:.0%} of read+save")
     print(f"  haven anonymize, 2 workers        {rate(t_anon2):8.0f} files/s  scaling efficiency "
           f"{t_anon / t_anon2 / 2:.0%}", flush=True)
+    if args.throughput_only:
+        return 0
 
     print(f"peak RSS of one shard job ({args.files_per_shard} files per shard):")
     for size in sizes:

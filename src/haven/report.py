@@ -267,6 +267,14 @@ def limitations(stats: dict, metrics: dict) -> list[str]:
     return out
 
 
+def _pixel_text(audit: dict) -> str:
+    """The audit's OCR of burned-in text, when it read any pixels."""
+    read, not_read = audit.get("pixel_text_read", 0), audit.get("pixel_text_not_read", 0)
+    if not read and not not_read:
+        return ""
+    return f"; burned-in text read by OCR in {read} file(s)" + (f", {not_read} not readable" if not_read else "")
+
+
 def model_card(project: str, s: dict, stats: dict, metrics: dict, best: dict, run: dict,
                quarantined: int = 0, audit: dict | None = None) -> str:
     classes = ", ".join(stats["classes"])
@@ -375,7 +383,7 @@ nav{{margin-bottom:1em}}pre{{white-space:pre-wrap;background:#f7f7f7;padding:1em
 <p>Quarantined files: {n_quarantined}</p>
 {_table(quarantine, ("reason", "files")) if quarantine else ""}
 <p>De-identification audit: <strong class="{'ok' if audit.get('passed') else 'bad'}">{'passed' if audit.get('passed') else 'FAILED'}</strong>
-({audit.get('files')} files re-read, {len(audit.get('findings', []))} findings)</p>
+({audit.get('files')} files re-read, {len(audit.get('findings', []))} findings{_pixel_text(audit)})</p>
 <h2 id="search">Hyperparameter search</h2>
 <p>{best.get('trials')} trials, best {html.escape(str(best.get('metric')))} = {_fmt(best.get('value'))} with
 <code>{html.escape(json.dumps(best.get('config', {}), default=str))}</code></p>
