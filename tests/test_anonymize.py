@@ -547,3 +547,35 @@ def test_pydicom_test_corpus(tmp_path):
     for q in quarantine:
         print(f"  quarantined {rows[int(q['input_index'])]['path']}: {q['reason']}")
         assert any(k in q["reason"] for k in known), q
+
+
+def test_retain_safe_private(tmp_path):
+    """Allow-listed private elements (and their creator) are kept as read; the rest of the block, and
+    the same offset under another creator, are removed; the gate passes only when told."""
+    from haven.anonymize import safe_private_table
+    from haven.ingest import ingest
+
+    ds = _dicom("PID-1001-XY", 0, 0)
+    safe = ds.private_block(0x0029, "ACME SAFE", create=True)
+    safe.add_new(0x10, "LO", "KERNEL B30 SHARP")
+    safe.add_new(0x11, "LO", "PID-1001-XY")
+    other = ds.private_block(0x0029, "SOMEONE ELSE", create=True)
+    other.add_new(0x10, "LO", "DOE JOHN PRIVATE NOTE")
+    src = tmp_path / "src" / "ct"
+    src.mkdir(parents=True)
+    ds.save_as(src / "a.dcm", enforce_file_format=True)
+    ingest(tmp_path / "src", tmp_path / "ingest")
+    allow = [{"group": "0029", "creator": "ACME SAFE", "elements": ["10"]}]
+    out = tmp_path / "anon"
+    anonymize(tmp_path / "src", tmp_path / "ingest", out, KEY, {"safe_private": allow})
+    res = pydicom.dcmread(next((out / "data").rglob("*.dcm")))
+    private = {(e.tag.group, e.tag.element & 0xFF): str(e.value) for e in res if e.tag.is_private}
+    block = res.private_block(0x0029, "ACME SAFE")
+    assert block[0x10].value == "KERNEL B30 SHARP"
+    assert 0x11 not in block and "SOMEONE ELSE" not in private.values()
+    assert "DOE JOHN PRIVATE NOTE" not in private.values() and "PID-1001-XY" not in private.values()
+    assert "113111" in {i.CodeValue for i in res.DeidentificationMethodCodeSequence}
+    assert audit(out, tmp_path / "ingest", safe_private=allow)["passed"]
+    assert not audit(out, tmp_path / "ingest")["passed"]  # the kept value is a private value seen at ingest
+    with pytest.raises(ValueError, match="safe_private\\[0\\]"):
+        safe_private_table([{"group": "0010", "creator": "X", "elements": ["10"]}])

@@ -81,6 +81,7 @@ DEFAULT_OPTIONS = {
     "max_shift_days": 3650,
     "clean_descriptors": False,
     "retain_uids": False,
+    "safe_private": [],  # Retain Safe Private: [{"group": "0019", "creator": "...", "elements": ["10", ...]}]
     "pixels": {},  # burned-in text cleaning: haven.redact.DEFAULT_PIXEL_OPTIONS
 }
 
@@ -95,6 +96,7 @@ CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option
 CODE_DEVICE_IDENTITY = ("113109", "Retain Device Identity Option")
 CODE_CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
 CODE_RETAIN_UIDS = ("113110", "Retain UIDs Option")
+CODE_SAFE_PRIVATE = ("113111", "Retain Safe Private Option")
 
 # Descriptions kept under Clean Descriptors, with every identifying value of their file (names,
 # ids, dates in any common spelling, institution, long numbers) cut out of them.  Patient-level
@@ -235,10 +237,12 @@ def profile_size() -> int:
 class _Context:
     """Everything one DICOM file needs: key, patient pseudonym, date shift, counters."""
 
-    __slots__ = ("key", "pseudonym", "shift", "actions", "changed", "uid_cache", "retain_uids", "phi")
+    __slots__ = ("key", "pseudonym", "shift", "actions", "changed", "uid_cache", "retain_uids", "phi", "safe")
 
     def __init__(self, key: bytes, pseudonym: str, shift: int, actions: dict[int, str],
-                 uid_cache: dict[str, str], retain_uids: bool = False, phi: re.Pattern | None = None):
+                 uid_cache: dict[str, str], retain_uids: bool = False, phi: re.Pattern | None = None,
+                 safe: dict[tuple[int, str], frozenset[int]] | None = None):
+        self.safe = safe or {}
         self.retain_uids = retain_uids
         self.phi = phi
         self.key = key
@@ -377,9 +381,12 @@ def _dummy(vr: str, ctx: _Context):
 def _clean(ds, ctx: _Context) -> None:
     """De-identify one (nested) data set in place: one pass over its elements."""
     actions = ctx.actions
+    keep = _safe_private(ds, ctx.safe) if ctx.safe else frozenset()
     for tag in list(ds.keys()):
         t = int(tag)
         group = t >> 16
+        if group & 1 and t in keep:
+            continue  # Retain Safe Private: an allow-listed element of its private creator, as read
         if group & 1 or group <= 0x0002 or (t & 0xFFFF) == 0 or (group & 0xFF00) in (0x5000, 0x6000):
             # private, command/meta elements, group lengths, curves and overlays
             del ds[t]
@@ -409,6 +416,48 @@ def _clean(ds, ctx: _Context) -> None:
         _apply(ds, t, vr, action, ctx)
     if 0x00080104 in ds and 0x00080102 in ds:
         _clean_local_code(ds, ctx)
+
+
+def safe_private_table(entries: list[dict]) -> dict[tuple[int, str], frozenset[int]]:
+    """The Retain Safe Private allow-list as ``{(group, creator): {element offsets}}``."""
+    table: dict[tuple[int, str], set[int]] = {}
+    for i, e in enumerate(entries or []):
+        try:
+            group = int(str(e["group"]), 16)
+            creator = str(e["creator"]).strip()
+            offsets = {int(str(x), 16) for x in e["elements"]}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"anonymize.safe_private[{i}]: give {{group: '0019', creator: 'NAME', "
+                             f"elements: ['10', ...]}} (hex group and element offsets)") from None
+        if not group & 1 or not creator or any(not 0 <= o <= 0xFF for o in offsets):
+            raise ValueError(f"anonymize.safe_private[{i}]: the group must be odd (private), the creator "
+                             f"named, the element offsets 00-FF")
+        table.setdefault((group, creator), set()).update(offsets)
+    return {k: frozenset(v) for k, v in table.items()}
+
+
+def _safe_private(ds, safe: dict[tuple[int, str], frozenset[int]]) -> frozenset[int]:
+    """Tags of ``ds`` kept under Retain Safe Private: the allow-listed elements of each private
+    block, and the creator elements of the blocks that keep any."""
+    keep: set[int] = set()
+    groups = {g for g, _ in safe}
+    for tag in ds.keys():
+        t = int(tag)
+        group, element = t >> 16, t & 0xFFFF
+        if group not in groups or not 0x0010 <= element <= 0x00FF:
+            continue
+        try:
+            creator = str(ds[t].value or "").strip()
+        except Exception:
+            continue
+        offsets = safe.get((group, creator))
+        if not offsets:
+            continue
+        block = element << 8
+        found = {(group << 16) | block | o for o in offsets if ((group << 16) | block | o) in ds}
+        if found:
+            keep |= found | {t}
+    return frozenset(keep)
 
 
 def _clean_local_code(item, ctx: _Context) -> None:
@@ -517,12 +566,13 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
 
 def _options(options: dict | None) -> dict:
     opts = dict(DEFAULT_OPTIONS)
-    unknown = set(options or {}) - set(DEFAULT_OPTIONS)
+    unknown = set(options or {}) - set(DEFAULT_OPTIONS) - {"safe_private_table"}
     if unknown:
         raise ValueError(f"unknown anonymize option(s): {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(DEFAULT_OPTIONS)})")
     opts.update(options or {})
     opts["pixels"] = redact.options(opts.get("pixels"))
+    opts["safe_private_table"] = safe_private_table(opts.get("safe_private") or [])
     if int(opts["age_band_width"]) < 1 or int(opts["max_shift_days"]) < 1:
         raise ValueError("age_band_width and max_shift_days must be >= 1")
     return opts
@@ -542,6 +592,8 @@ def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[str, list[tuple[s
         codes.append(CODE_DEVICE_IDENTITY)
     if opts["retain_uids"]:
         codes.append(CODE_RETAIN_UIDS)
+    if opts.get("safe_private"):
+        codes.append(CODE_SAFE_PRIVATE)
     text = "haven basic profile; options: " + (" ".join(c for c, _ in codes[1:]) or "none")
     return text, codes
 
@@ -656,7 +708,8 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
             phi = phi_pattern(ds)
         except Exception as e:
             raise AnonymizeError(f"identifying values could not be collected ({type(e).__name__})") from None
-    ctx = _Context(key, pseudonym, shift, actions, uid_cache, bool(opts["retain_uids"]), phi)
+    ctx = _Context(key, pseudonym, shift, actions, uid_cache, bool(opts["retain_uids"]), phi,
+                   opts.get("safe_private_table"))
     try:
         _clean(ds, ctx)
     except AnonymizeError:

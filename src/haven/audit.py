@@ -149,12 +149,15 @@ class Identifiers:
     """Every identifying value, compiled for one-pass matching of a text against all of them."""
 
     def __init__(self, entries: Iterable[tuple[str, str, str]], shifts: dict[str, int] | None = None,
-                 retained: Iterable[str] = (), retain_uids: bool = False):
+                 retained: Iterable[str] = (), retain_uids: bool = False,
+                 safe_private: Iterable[tuple[int, int]] = ()):
         """``entries``: (patient_id, kind, value).  ``shifts``: patient -> day shift (optional;
         with it, a date that is the shifted image of one of the patient's dates is not a leak).
         ``retained``: keywords of free text kept on purpose (Clean Descriptors), not matched as a
         whole value (the names and ids inside them still are); ``retain_uids``: UIDs are kept
-        (Retain UIDs option) and not searched."""
+        (Retain UIDs option) and not searched; ``safe_private``: (group, element offset) of the
+        private elements kept by Retain Safe Private (their values are kept, not leaks)."""
+        self.safe_private = frozenset(safe_private)
         self.retained = frozenset(retained)
         self.retain_uids = retain_uids
         self.long: dict[str, set[str]] = {}  # substring
@@ -192,6 +195,12 @@ class Identifiers:
             return
         self.count += 1
         private = vr is None and keyword.startswith("(")
+        if private and self.safe_private:
+            m = _TAG_TEXT.fullmatch(keyword)
+            if m and (int(m.group(1), 16), int(m.group(2), 16) & 0xFF) in self.safe_private:
+                self.count -= 1
+                self.skipped += 1  # kept by Retain Safe Private
+                return
         dateish = vr in ("DA", "DT") or (vr is None and "date" in lower)
         date = _as_date(value[:8]) if (dateish or vr is None) else None
         if date and (len(value) == 8 or dateish):
@@ -688,7 +697,7 @@ def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelTex
 
 def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_days: int = 3650,
           ocr_modalities: Iterable[str] | None = None, ocr: bool = True, clean_descriptors: bool = False,
-          retain_uids: bool = False) -> dict:
+          retain_uids: bool = False, safe_private: list[dict] | None = None) -> dict:
     """Audit ``anon_dir`` (the anonymize stage's output) against ``ingest_dir``'s identifiers.
 
     Returns ``{"passed", "files", "findings": [{"file", "where", "kind"}], ...}``; a finding
@@ -698,7 +707,8 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
     YES or one of ``ocr_modalities``, default :data:`haven.redact.DEFAULT_PIXEL_OPTIONS`) have
     their pixels read by OCR and the text matched too (``ocr=False`` or no OCR engine: counted in
     ``pixel_text_not_read``).  ``clean_descriptors``/``retain_uids``: the anonymize options of
-    that name were on (the descriptions' whole values and the UIDs are then not searched).
+    that name were on (the descriptions' whole values and the UIDs are then not searched);
+    ``safe_private``: the Retain Safe Private allow-list (``anonymize.safe_private``).
     """
     anon_dir, ingest_dir = Path(anon_dir), Path(ingest_dir)
     if not (ingest_dir / "identifiers.csv").is_file():
@@ -715,7 +725,12 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
         from haven.anonymize import CLEAN_DESCRIPTORS
 
         retained = CLEAN_DESCRIPTORS
-    ids = Identifiers(entries, shifts, retained, retain_uids)
+    safe = ()
+    if safe_private:
+        from haven.anonymize import safe_private_table
+
+        safe = {(g, o) for (g, _), offsets in safe_private_table(safe_private).items() for o in offsets}
+    ids = Identifiers(entries, shifts, retained, retain_uids, safe)
 
     # link every output file to the patient of its input (for the per-patient date check)
     patient_of: dict[str, str] = {}

@@ -124,7 +124,8 @@ def cmd_audit(args) -> int:
     result = audit(anon, Path(args.ingest), ocr_modalities=pixels.get("modalities"),
                    ocr=pixels.get("clean", "auto") != "off",
                    clean_descriptors=bool(options.get("clean_descriptors")),
-                   retain_uids=bool(options.get("retain_uids")))
+                   retain_uids=bool(options.get("retain_uids")),
+                   safe_private=options.get("safe_private") or None)
     passed = result["passed"]
     target = anon / ("audit.json" if passed else "audit.failed.json")
     (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)
