@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.txt
 
 install: $(STAMP)
 
-# Slurm, MUNGE and Chromium for the Slurm and browser tests (skipped without them); needs root
+# Slurm, MUNGE, Chromium and Tesseract for the Slurm, browser and OCR tests (skipped without them); needs root
 system:
 	.ci/system-setup
 
