@@ -437,10 +437,9 @@ class PixelText:
         self.not_read = 0
 
     def applies(self, ds) -> bool:
-        if 0x7FE00010 not in ds:
-            return False
-        flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-        return flag == "YES" or str(ds.get("Modality", "") or "").strip().upper() in self.modalities
+        from haven import redact
+
+        return redact.may_carry_text(ds, self.modalities)
 
     def text(self, ds) -> str | None:
         """The pixel text (None: not read: no OCR engine, or undecodable pixels)."""
@@ -455,7 +454,7 @@ class PixelText:
             self.not_read += 1
             return None
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-        frames = arr if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[None]
+        frames = redact.frames_of(arr, ds)
         texts = [redact.read_lines(redact.ocr_gray(frames[f], photometric))
                  for f in redact.sample_frames(len(frames), redact.DEFAULT_PIXEL_OPTIONS["frames"])]
         self.read += 1

@@ -84,16 +84,19 @@ def ocr_available() -> bool:
     return True
 
 
+def may_carry_text(ds, modalities) -> bool:
+    """Pixel data flagged BurnedInAnnotation=YES, or of a modality that usually carries text (a NO
+    is not trusted there: devices often leave it unset or wrong).  ``modalities``: upper case."""
+    if 0x7FE00010 not in ds:
+        return False
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    return flag == "YES" or str(ds.get("Modality", "") or "").strip().upper() in modalities
+
+
 def needs_cleaning(ds, opts: dict) -> bool:
     if opts["clean"] == "off" or 0x7FE00010 not in ds:
         return False
-    if opts["clean"] == "all":
-        return True
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    if flag == "YES":
-        return True
-    # NO is not trusted for the modalities that usually carry text (devices often leave it unset or wrong)
-    return str(ds.get("Modality", "") or "").strip().upper() in {m.upper() for m in opts["modalities"]}
+    return opts["clean"] == "all" or may_carry_text(ds, {m.upper() for m in opts["modalities"]})
 
 
 def _matches(ds, match: dict) -> bool:
@@ -105,7 +108,7 @@ def _matches(ds, match: dict) -> bool:
     return True
 
 
-def _frames(arr: np.ndarray, ds) -> np.ndarray:
+def frames_of(arr: np.ndarray, ds) -> np.ndarray:
     """The pixels as (frames, rows, cols[, samples])."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     return arr if frames > 1 else arr[None]
@@ -179,7 +182,7 @@ def clean_pixels(ds, opts: dict) -> int:
         raise PixelCleanError(f"pixel data cannot be decoded for cleaning ({type(e).__name__}): "
                               f"install the pylibjpeg plugins for this transfer syntax") from None
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    stack = np.array(_frames(arr, ds), copy=True)
+    stack = np.array(frames_of(arr, ds), copy=True)
     n, rows, cols = stack.shape[:3]
     color = stack.ndim == 4
     black = stack.max() if photometric == "MONOCHROME1" else (0 if photometric.startswith(("RGB", "YBR"))
