@@ -432,7 +432,6 @@ class PixelText:
         self.modalities = {m.upper() for m in (modalities if modalities is not None
                                                  else redact.DEFAULT_PIXEL_OPTIONS["modalities"])}
         self.enabled = enabled and redact.ocr_available()
-        self.wanted = enabled
         self.read = 0
         self.not_read = 0
 

@@ -11,9 +11,10 @@ touch them.  :func:`clean_pixels` cleans one data set in place, in three steps:
    pixel outside the union of the regions is blacked out (the header bar of names and dates
    lies outside them);
 3. **OCR**: Tesseract (Debian's ``tesseract-ocr`` through ``pytesseract``) finds the words
-   left; each word's box, padded, is blacked out.  A second OCR pass then checks the cleaned
-   pixels: a file where text is still read is quarantined, as is a file that needs OCR when
-   no OCR engine is installed and no rectangle of the configuration matched it.
+   left; each word's box, padded, is blacked out and the result read again, for up to three
+   rounds: a file where legible text is still read after them is quarantined, as is a file
+   that needs OCR when no OCR engine is installed and no rectangle of the configuration
+   matched it.
 
 Multi-frame images (cine loops) are read on a few frames (first, middle, last) and the union
 of the boxes is blacked out on every frame: burned-in annotations are fixed overlays.
@@ -263,6 +264,7 @@ def clean_pixels(ds, opts: dict) -> int:
     try:
         ds.set_pixel_data(np.ascontiguousarray(out), photometric, bits, generate_instance_uid=False)
     except NotImplementedError:
-        raise PixelCleanError("big-endian pixel data cannot be re-encoded after cleaning") from None
+        raise PixelCleanError("big-endian pixel data cannot be re-encoded after cleaning: convert the "
+                              "file to little endian first (e.g. dcmtk's `dcmconv +te`)") from None
     ds.BurnedInAnnotation = "NO"
     return regions
