@@ -53,14 +53,16 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 from pydicom.datadict import DicomDictionary
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from haven import keys, redact
+from haven import dicomraw, keys, redact
 from haven.audit import STANDARD_SCHEMES
 from haven.io import atomic_write_text, csv_text
 
@@ -136,6 +138,10 @@ STRUCTURAL_SEQUENCES = ("ContentSequence", "GraphicAnnotationSequence")
 # Free-text and network VRs removed wherever the table says nothing.
 REMOVE_VRS = frozenset({"LT", "ST", "UT", "UC", "UR", "UN", "AE"})
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
+# string VRs whose values are plain ISO 8859-1 whatever the character set: read from the raw bytes
+ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "IS", "DS", "AE"})
+# string VRs an ASCII value can be written to as raw bytes (space-padded, UI NUL-padded)
+RAW_TEXT_VRS = ASCII_VRS | {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "UR"}
 _DESCRIPTIVE = re.compile(r"Comment|Description|Notes|Narrative|Address|Telephone|Telecom")
 
 _DICOM_SUFFIX = ".dcm"
@@ -349,6 +355,30 @@ def _set(ds, t: int, vr: str, value) -> None:
     ds[t] = DataElement(t, vr, value)
 
 
+def _put(ds, t: int, vr: str, values: list[str]) -> None:
+    """Set element ``t`` to ``values``: as a raw element (written as bytes, never decoded) when
+    the data set was read little endian and the values are ASCII, else as a DataElement."""
+    implicit, little = ds.original_encoding
+    if little and implicit is not None and vr in RAW_TEXT_VRS:
+        new = dicomraw.text_element(t, vr, values, implicit)
+        if new is not None:
+            ds._dict[t if type(t) is BaseTag else BaseTag(t)] = new
+            return
+    _set(ds, t, vr, values if len(values) > 1 else (values[0] if values else ""))
+
+
+def _strings(ds, t: int, vr: str) -> list[str]:
+    """The values of a string element, decoded from the raw bytes when they are still raw."""
+    elem = ds._dict[t]
+    if type(elem) is RawDataElement and vr in ASCII_VRS and elem.value is not None:
+        return dicomraw.strings(elem.value, vr)
+    return [str(v) for v in _values(ds[t].value)]
+
+
+def _drop(ds, t) -> None:
+    del ds._dict[t]
+
+
 def _vr_of(ds, t: int) -> str:
     elem = ds._dict[t]  # raw or converted element, without converting it
     vr = elem.VR
@@ -379,25 +409,27 @@ def _dummy(vr: str, ctx: _Context):
 
 
 def _clean(ds, ctx: _Context) -> None:
-    """De-identify one (nested) data set in place: one pass over its elements."""
+    """De-identify one (nested) data set in place: one pass over its elements, which stay raw
+    (undecoded bytes) unless the profile changes them."""
     actions = ctx.actions
     keep = _safe_private(ds, ctx.safe) if ctx.safe else frozenset()
-    for tag in list(ds.keys()):
+    elements = ds._dict
+    for tag in list(elements):
         t = int(tag)
         group = t >> 16
         if group & 1 and t in keep:
             continue  # Retain Safe Private: an allow-listed element of its private creator, as read
         if group & 1 or group <= 0x0002 or (t & 0xFFFF) == 0 or (group & 0xFF00) in (0x5000, 0x6000):
             # private, command/meta elements, group lengths, curves and overlays
-            del ds[t]
+            del elements[tag]
             ctx.changed += 1
             continue
         action = actions.get(t)
         if action == "X":
-            del ds[t]
+            del elements[tag]
             ctx.changed += 1
             continue
-        vr = _vr_of(ds, t)
+        vr = _vr_of(ds, tag)
         if action is None:
             if vr == "SQ":
                 action = "K"
@@ -408,13 +440,15 @@ def _clean(ds, ctx: _Context) -> None:
             elif vr == "PN":
                 action = "Z"
             elif vr in REMOVE_VRS:
-                del ds[t]
+                del elements[tag]
                 ctx.changed += 1
                 continue
             else:
                 continue  # keep untouched (the raw value is not even decoded)
-        _apply(ds, t, vr, action, ctx)
-    if 0x00080104 in ds and 0x00080102 in ds:
+        _apply(ds, tag, vr, action, ctx)
+    if ds._private_blocks:
+        ds._private_blocks = {}  # the private creators are gone
+    if 0x00080104 in elements and 0x00080102 in elements:
         _clean_local_code(ds, ctx)
 
 
@@ -483,29 +517,28 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
                 _set(ds, t, "SQ", [])
                 ctx.changed += 1
         else:  # T, P or anything unexpected on a sequence: remove it
-            del ds[t]
+            _drop(ds, t)
             ctx.changed += 1
         return
     if action == "K":
         return
     if " or " in vr:  # an ambiguous VR (US or SS, OB or OW) cannot get a dummy: remove it
-        del ds[t]
+        _drop(ds, t)
         ctx.changed += 1
         return
     if action == "P":  # PatientID / PatientName: the keyed patient pseudonym
-        _set(ds, t, "PN" if t == 0x00100010 else "LO", ctx.pseudonym)
+        _put(ds, t, "PN" if t == 0x00100010 else "LO", [ctx.pseudonym])
         ctx.changed += 1
         return
     if action == "Z" or (vr == "PN" and action in ("D", "C", "T", "U")):
         if vr == "PN" or vr in TEXT_VRS or vr in ("CS", "DA", "DT", "TM", "AS", "UI", "IS", "DS", "AE"):
-            _set(ds, t, vr, "")
+            _put(ds, t, vr, [])
         else:
             _set(ds, t, vr, None)
         ctx.changed += 1
         return
-    elem = ds[t]
     if action == "S":  # Clean Descriptors: the text without this file's identifying values
-        old = [str(v) for v in _values(elem.value)]
+        old = [str(v) for v in _values(ds[t].value)]
         new = [scrub(v, ctx.phi) for v in old]
         if new != old:
             _set(ds, t, vr, new if len(new) > 1 else (new[0] if new else ""))
@@ -514,24 +547,21 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
     if vr == "UI" and ctx.retain_uids:
         return  # Retain UIDs option
     if vr == "UI" and action in ("U", "D", "C", "T"):
-        old = _values(elem.value)
+        old = _strings(ds, t, vr)
         # a standard UID (SOP classes, coding schemes, ...) is kept everywhere, so that
         # references stay consistent; every other UID maps to its keyed 2.25 UID
-        new = [str(v) if str(v).startswith(STANDARD_UID_ROOT) else ctx.uid(str(v))
-               for v in old if str(v)]
-        if new != [str(v) for v in old]:
-            _set(ds, t, "UI", new if len(new) > 1 else (new[0] if new else ""))
+        new = [v if v.startswith(STANDARD_UID_ROOT) else ctx.uid(v) for v in old if v]
+        if new != old:
+            _put(ds, t, "UI", new)
             ctx.changed += 1
         return
     if action == "C":
         if vr == "DA":
-            old = [str(v) for v in _values(elem.value)]
-            new = [_shift_date(v, ctx.shift) for v in old]
-            new = [v for v in new if v]
+            old = _strings(ds, t, vr)
+            new = [v for v in (_shift_date(v, ctx.shift) for v in old) if v]
         elif vr == "DT":
-            old = [str(v) for v in _values(elem.value)]
-            new = [_shift_datetime(v, ctx.shift) for v in old]
-            new = [v for v in new if v]
+            old = _strings(ds, t, vr)
+            new = [v for v in (_shift_datetime(v, ctx.shift) for v in old) if v]
         elif vr == "TM":
             return  # times of day carry no date: kept under the modified-dates option
         else:
@@ -539,22 +569,24 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
             old = new = None
         if action == "C":
             if new != old:
-                _set(ds, t, vr, new if len(new) > 1 else (new[0] if new else ""))
+                _put(ds, t, vr, new)
                 ctx.changed += 1
             return
     if action == "T":  # device identity: one keyed token per value
-        old = [str(v) for v in _values(elem.value)]
+        old = [str(v) for v in _values(ds[t].value)]
         if vr in ("LO", "SH", "CS", "AE", "LT", "ST", "UT", "UC"):
             new = [keys.pseudonym(ctx.key, v, prefix="D", length=10) for v in old]
-            _set(ds, t, vr, new if len(new) > 1 else (new[0] if new else ""))
+            _put(ds, t, vr, new)
         else:
-            del ds[t]
+            _drop(ds, t)
         ctx.changed += 1
         return
     # D (and U on a non-UI element): a dummy of the right VR, removal when there is none
     value = _dummy(vr, ctx)
     if value is None:
-        del ds[t]
+        _drop(ds, t)
+    elif isinstance(value, str):
+        _put(ds, t, vr, [value])
     else:
         _set(ds, t, vr, value)
     ctx.changed += 1
@@ -718,10 +750,37 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
         raise AnonymizeError(f"de-identification failed ({type(e).__name__})") from None
 
     text, codes = _method(opts, cleaned)
-    ds.PatientID = pseudonym
-    ds.PatientName = pseudonym
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = text
+    _put(ds, 0x00100020, "LO", [pseudonym])  # PatientID
+    _put(ds, 0x00100010, "PN", [pseudonym])  # PatientName
+    _put(ds, 0x00120062, "CS", ["YES"])  # PatientIdentityRemoved
+    _put(ds, 0x00120063, "LO", [text])  # DeidentificationMethod
+    implicit, little = ds.original_encoding
+    if little and implicit is not None:
+        ds._dict[_METHOD_CODES] = _method_codes(tuple(codes), implicit)
+    else:
+        ds.DeidentificationMethodCodeSequence = _method_items(codes)
+    _put(ds, 0x00280303, "CS",  # LongitudinalTemporalInformationModified
+         ["MODIFIED" if opts["retain_longitudinal_modified_dates"] else "REMOVED"])
+
+    sop = _text(ds, 0x00080018)
+    study = _text(ds, 0x0020000D)
+    if not study:
+        study = keys.uid(key, "haven:no-study:" + patient_id)
+    rel = f"{pseudonym}/{_safe(study)}/{_safe(sop)}{_DICOM_SUFFIX}"
+    return ds, rel, ctx.changed + blacked, _Meta(_text(ds, 0x00080016), sop, ts)
+
+
+class _Meta(NamedTuple):
+    """What the File Meta Information of an output says: its SOP class and instance, its syntax."""
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+_METHOD_CODES = BaseTag(0x00120064)  # DeidentificationMethodCodeSequence
+
+
+def _method_items(codes) -> list[Dataset]:
     items = []
     for value, meaning in codes:
         item = Dataset()
@@ -729,25 +788,21 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
         item.CodingSchemeDesignator = "DCM"
         item.CodeMeaning = meaning
         items.append(item)
-    ds.DeidentificationMethodCodeSequence = items
-    ds.LongitudinalTemporalInformationModified = (
-        "MODIFIED" if opts["retain_longitudinal_modified_dates"] else "REMOVED")
+    return items
 
-    sop = str(ds.SOPInstanceUID)
-    study = str(ds.get("StudyInstanceUID", "") or "")
-    if not study:
-        study = keys.uid(key, "haven:no-study:" + patient_id)
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "PYDICOM " + ".".join(pydicom.__version__.split(".")[:3])
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
-    rel = f"{pseudonym}/{_safe(study)}/{_safe(sop)}{_DICOM_SUFFIX}"
-    return ds, rel, ctx.changed + blacked
+
+@lru_cache(maxsize=64)
+def _method_codes(codes: tuple, implicit: bool) -> RawDataElement:
+    """The DeidentificationMethodCodeSequence, encoded once per option set and encoding."""
+    return dicomraw.sequence_element(_METHOD_CODES, _method_items(codes), implicit)
+
+
+def _text(ds, t: int) -> str:
+    """One string value (a UID, a code string) without converting the element, '' if absent."""
+    if t not in ds._dict:
+        return ""
+    vr = _vr_of(ds, t)
+    return "\\".join(_strings(ds, t, vr))
 
 
 def _safe(name: str) -> str:
@@ -757,12 +812,12 @@ def _safe(name: str) -> str:
     raise AnonymizeError("invalid UID after de-identification")
 
 
-def _fix_encoding(ds) -> None:
+def _fix_encoding(ds, transfer_syntax: str) -> None:
     """A data set read with another encoding than its transfer syntax (e.g. implicit VR in an
     explicit-VR file) needs concrete VRs before it can be written in the declared syntax."""
     from pydicom.filewriter import correct_ambiguous_vr
 
-    ts = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID))
+    ts = pydicom.uid.UID(transfer_syntax)
     if ts.is_private or not ts.is_transfer_syntax:
         return
     if ts.is_implicit_VR:
@@ -776,20 +831,47 @@ def _fix_encoding(ds) -> None:
         ds[0x7FE00010].VR = "OB"
 
 
-def _write_dicom(ds, target: Path) -> None:
+def _write_dicom(ds, target: Path, meta: _Meta) -> None:
     try:
-        _fix_encoding(ds)
+        _fix_encoding(ds, meta.transfer_syntax)
     except Exception as e:
         raise AnonymizeError(f"DICOM encoding could not be fixed ({type(e).__name__})") from None
     tmp = _tmp_path(target)
     try:
-        ds.save_as(tmp, enforce_file_format=True)
+        _save(ds, tmp, meta)
         os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception):
             raise AnonymizeError(f"DICOM write failed ({type(e).__name__})") from None
         raise
+
+
+_IMPLEMENTATION_NAME = "PYDICOM " + ".".join(pydicom.__version__.split(".")[:3])
+
+
+def _save(ds, path: str, meta: _Meta) -> None:
+    """Write ``ds`` as a DICOM file: raw elements as their original bytes (:mod:`haven.dicomraw`),
+    through pydicom's writer when the data set needs it (big endian, deflate, another encoding)."""
+    ts = pydicom.uid.UID(meta.transfer_syntax)
+    try:
+        header = dicomraw.file_meta(meta.sop_class, meta.sop_instance, meta.transfer_syntax,
+                                    PYDICOM_IMPLEMENTATION_UID, _IMPLEMENTATION_NAME)
+        with open(path, "wb") as fp:
+            dicomraw.write_file(fp, ds, header, ts)
+        return
+    except dicomraw.Unsupported:
+        pass
+    file_meta = FileMetaDataset()
+    file_meta.FileMetaInformationVersion = b"\x00\x01"
+    file_meta.MediaStorageSOPClassUID = meta.sop_class
+    file_meta.MediaStorageSOPInstanceUID = meta.sop_instance
+    file_meta.TransferSyntaxUID = meta.transfer_syntax
+    file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    file_meta.ImplementationVersionName = _IMPLEMENTATION_NAME
+    ds.file_meta = file_meta
+    ds.preamble = b"\x00" * 128
+    ds.save_as(path, enforce_file_format=True)
 
 
 def _tmp_path(target: Path) -> str:
@@ -1009,14 +1091,14 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
                 raise AnonymizeError("input file not found")
             patient = keys.pseudonym(key, row.get("patient_id", ""))
             if kind == "dicom":
-                ds, rel_out, changed = _deidentify_dicom(src, row, key, opts, uid_cache, actions)
+                ds, rel_out, changed, meta = _deidentify_dicom(src, row, key, opts, uid_cache, actions)
                 if rel_out in produced:
                     raise AnonymizeError(
                         f"duplicate SOPInstanceUID (same output as input {produced[rel_out]})")
                 target = data_dir / rel_out
                 created = [p for p in (target.parent.parent, target.parent) if not p.exists()]
                 try:
-                    _write_dicom(ds, target)
+                    _write_dicom(ds, target, meta)
                 except BaseException:
                     for p in reversed(created):
                         _rmdir_quiet(p)
