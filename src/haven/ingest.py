@@ -162,11 +162,68 @@ def _looks_like_bare_dicom(head: bytes) -> bool:
     return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
 
 
+_META_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                            b"UT", b"UV"})
+_NATIVE_LE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # syntax -> implicit VR
+
+
+def _read_native(fh):
+    """A Part 10 file in Implicit or Explicit VR Little Endian, read as pydicom reads it but with
+    the File Meta Information parsed here (pydicom's own meta reader costs as much as the rest of
+    a small header); None for anything else (the caller uses ``dcmread``)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+    from pydicom.tag import BaseTag
+
+    fh.seek(132)
+    meta = {}
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            return None
+        group, element = int.from_bytes(head[:2], "little"), int.from_bytes(head[2:4], "little")
+        if group != 2:
+            fh.seek(-8, 1)
+            break
+        vr = head[4:6]
+        if not (b"AA" <= vr <= b"ZZ"):
+            return None  # a meta group not in explicit VR: pydicom knows how to cope
+        if vr in _META_LONG_VRS:
+            length = int.from_bytes(fh.read(4), "little")
+        else:
+            length = int.from_bytes(head[6:8], "little")
+        if length == 0xFFFFFFFF or length > 1 << 16:
+            return None
+        tag = BaseTag(group << 16 | element)
+        value = fh.read(length)
+        if len(value) < length:
+            return None
+        meta[tag] = RawDataElement(tag, vr.decode(), length, value, 0, False, True)
+    ts = meta.get(0x00020010)
+    implicit = _NATIVE_LE.get(ts.value.rstrip(b"\x00 ").decode("latin-1")) if ts is not None else None
+    if implicit is None or head[:2] == b"\x00\x00":
+        return None  # compressed, big endian, deflated, no syntax, or a command set: pydicom's reader
+    ds = read_dataset(fh, implicit, True)
+    ds.file_meta = FileMetaDataset(meta)
+    return ds
+
+
 def _read_dicom(source, has_preamble: bool, check_pixels: bool, path: Path):
     import pydicom
     from pydicom import uid
 
-    ds = pydicom.dcmread(source, force=not has_preamble)
+    ds = None
+    if has_preamble:
+        try:
+            ds = _read_native(source)
+        except Exception:
+            ds = None
+        if ds is None or len(ds) == 0:
+            source.seek(0)
+            ds = None
+    if ds is None:
+        ds = pydicom.dcmread(source, force=not has_preamble)
     if not has_preamble and not ("SOPClassUID" in ds or "PatientID" in ds):
         raise _Quarantine(NOT_SUPPORTED)
     if "TransferSyntaxUID" not in ds.file_meta:
