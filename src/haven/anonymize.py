@@ -138,8 +138,7 @@ STRUCTURAL_SEQUENCES = ("ContentSequence", "GraphicAnnotationSequence")
 # Free-text and network VRs removed wherever the table says nothing.
 REMOVE_VRS = frozenset({"LT", "ST", "UT", "UC", "UR", "UN", "AE"})
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
-# string VRs whose values are plain ISO 8859-1 whatever the character set: read from the raw bytes
-ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "IS", "DS", "AE"})
+ASCII_VRS = dicomraw.ASCII_VRS  # read from the raw bytes
 # string VRs an ASCII value can be written to as raw bytes (space-padded, UI NUL-padded)
 RAW_TEXT_VRS = ASCII_VRS | {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "UR"}
 _DESCRIPTIVE = re.compile(r"Comment|Description|Notes|Narrative|Address|Telephone|Telecom")
@@ -655,7 +654,7 @@ def _check_complete(ds) -> None:
         raise AnonymizeError("truncated DICOM (last element shorter than its length)")
     pixel = next((t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in ds), None)
     try:
-        sop_class = pydicom.uid.UID(str(ds.get("SOPClassUID", "") or ""))
+        sop_class = pydicom.uid.UID(dicomraw.text(ds, 0x00080016))
         is_image = "Image Storage" in sop_class.name
     except Exception:
         is_image = False
@@ -670,14 +669,14 @@ def _check_complete(ds) -> None:
     if ts is not None and pydicom.uid.UID(str(ts)).is_compressed:
         return  # encapsulated: fragment structure was checked by the reader (delimiters)
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = int(dicomraw.number(ds, 0x00280010)), int(dicomraw.number(ds, 0x00280011))
+        bits = int(dicomraw.number(ds, 0x00280100))
+        samples = int(dicomraw.number(ds, 0x00280002) or 1)
+        frames = int(float(dicomraw.text(ds, 0x00280008) or 1))
     except Exception:
         raise AnonymizeError("pixel data without a usable image pixel description") from None
     expected = (rows * cols * samples * frames * bits + 7) // 8
-    if ds.get("PhotometricInterpretation", "") in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+    if dicomraw.text(ds, 0x00280004).strip() in ("YBR_FULL_422", "YBR_PARTIAL_422"):
         expected = expected * 2 // 3
     raw = ds.get_item(0x7FE00010)
     size = len(raw.value) if isinstance(getattr(raw, "value", None), (bytes, bytearray)) else None
@@ -711,9 +710,9 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
         media_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
     if media_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
         raise AnonymizeError("DICOMDIR (media directory) is not an image")
-    for kw in ("SOPInstanceUID", "SOPClassUID"):
+    for kw, t in (("SOPInstanceUID", 0x00080018), ("SOPClassUID", 0x00080016)):
         try:
-            ok = bool(str(ds.get(kw, "") or "").strip())
+            ok = bool(dicomraw.text(ds, t).strip())
         except Exception:
             ok = False
         if not ok:
@@ -762,12 +761,12 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
     _put(ds, 0x00280303, "CS",  # LongitudinalTemporalInformationModified
          ["MODIFIED" if opts["retain_longitudinal_modified_dates"] else "REMOVED"])
 
-    sop = _text(ds, 0x00080018)
-    study = _text(ds, 0x0020000D)
+    sop = dicomraw.text(ds, 0x00080018)
+    study = dicomraw.text(ds, 0x0020000D)
     if not study:
         study = keys.uid(key, "haven:no-study:" + patient_id)
     rel = f"{pseudonym}/{_safe(study)}/{_safe(sop)}{_DICOM_SUFFIX}"
-    return ds, rel, ctx.changed + blacked, _Meta(_text(ds, 0x00080016), sop, ts)
+    return ds, rel, ctx.changed + blacked, _Meta(dicomraw.text(ds, 0x00080016), sop, ts)
 
 
 class _Meta(NamedTuple):
@@ -795,14 +794,6 @@ def _method_items(codes) -> list[Dataset]:
 def _method_codes(codes: tuple, implicit: bool) -> RawDataElement:
     """The DeidentificationMethodCodeSequence, encoded once per option set and encoding."""
     return dicomraw.sequence_element(_METHOD_CODES, _method_items(codes), implicit)
-
-
-def _text(ds, t: int) -> str:
-    """One string value (a UID, a code string) without converting the element, '' if absent."""
-    if t not in ds._dict:
-        return ""
-    vr = _vr_of(ds, t)
-    return "\\".join(_strings(ds, t, vr))
 
 
 def _safe(name: str) -> str:
@@ -1043,8 +1034,9 @@ def _read_manifest(path: Path):
 
 
 def _is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (links resolved) lies in ``root`` (already resolved)."""
     try:
-        path.resolve().relative_to(root.resolve())
+        path.resolve().relative_to(root)
         return True
     except ValueError:
         return False
@@ -1077,6 +1069,7 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
     uid_cache: dict[str, str] = {}
 
     inputs = 0
+    root = source.resolve()
     for index, row in enumerate(rows):
         rel_in = row.get("path", "")
         if parts > 1 and shard_of(rel_in, parts) != part:
@@ -1085,7 +1078,7 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
         kind = (row.get("kind") or "").strip().lower()
         try:
             src = source / rel_in
-            if not rel_in or not _is_inside(src, source):
+            if not rel_in or not _is_inside(src, root):
                 raise AnonymizeError("path outside the source folder")
             if not src.is_file():
                 raise AnonymizeError("input file not found")
@@ -1104,8 +1097,8 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
                         _rmdir_quiet(p)
                     raise
                 # the new UIDs as written in the file (= keys.uid of the originals)
-                study = str(ds.get("StudyInstanceUID", "") or "")
-                series = str(ds.get("SeriesInstanceUID", "") or "")
+                study = dicomraw.text(ds, 0x0020000D)
+                series = dicomraw.text(ds, 0x0020000E)
                 modality = row.get("modality", "")
             elif kind == "image":
                 data, suffix, changed = _clean_image(src)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO, Callable
 
+from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
@@ -55,6 +56,47 @@ def strings(value: bytes, vr: str) -> list[str]:
     if vr == "UI":
         items = [v.strip() for v in items]
     return items if items != [""] else []
+
+
+# string VRs whose values are plain ISO 8859-1 whatever the character set
+ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "IS", "DS", "AE"})
+
+
+def _vr(ds, tag: int) -> str:
+    vr = ds._dict[tag].VR
+    if vr is None or vr == "UN":
+        entry = DicomDictionary.get(tag)
+        vr = entry[0] if entry else "UN"
+    return vr
+
+
+def text(ds, tag: int) -> str:
+    """One element's value as text ('' when absent), from the raw bytes when it is still raw and
+    of an ASCII VR (UIDs, code strings, dates, numbers as strings): the element is not converted."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return ""
+    vr = _vr(ds, tag)
+    if type(elem) is RawDataElement and elem.value is not None and vr in ASCII_VRS:
+        return "\\".join(strings(elem.value, vr))
+    value = ds[tag].value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def number(ds, tag: int) -> int | None:
+    """A US/UL value (Rows, BitsAllocated...) from its raw bytes when it is raw; None if absent."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return None
+    if (type(elem) is RawDataElement and elem.value is not None and len(elem.value) in (2, 4)
+            and ds.original_encoding[1] and _vr(ds, tag) in ("US", "UL")):
+        return int.from_bytes(elem.value, "little")
+    value = ds[tag].value
+    return None if value in (None, "") else int(value)
 
 
 def text_element(tag: int, vr: str, values: list[str], implicit: bool) -> RawDataElement | None:

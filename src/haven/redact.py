@@ -30,6 +30,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from haven import dicomraw
+
 DEFAULT_PIXEL_OPTIONS = {
     "clean": "auto",  # auto: BurnedInAnnotation=YES or a modality below; all; off
     "modalities": ["US", "SC", "OT", "XC", "ES"],
@@ -90,8 +92,8 @@ def may_carry_text(ds, modalities) -> bool:
     is not trusted there: devices often leave it unset or wrong).  ``modalities``: upper case."""
     if 0x7FE00010 not in ds:
         return False
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    return flag == "YES" or str(ds.get("Modality", "") or "").strip().upper() in modalities
+    flag = dicomraw.text(ds, 0x00280301).strip().upper()  # BurnedInAnnotation
+    return flag == "YES" or dicomraw.text(ds, 0x00080060).strip().upper() in modalities  # Modality
 
 
 def needs_cleaning(ds, opts: dict) -> bool:
