@@ -138,9 +138,8 @@ STRUCTURAL_SEQUENCES = ("ContentSequence", "GraphicAnnotationSequence")
 # Free-text and network VRs removed wherever the table says nothing.
 REMOVE_VRS = frozenset({"LT", "ST", "UT", "UC", "UR", "UN", "AE"})
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
-ASCII_VRS = dicomraw.ASCII_VRS  # read from the raw bytes
 # string VRs an ASCII value can be written to as raw bytes (space-padded, UI NUL-padded)
-RAW_TEXT_VRS = ASCII_VRS | {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "UR"}
+RAW_TEXT_VRS = dicomraw.ASCII_VRS | {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "UR"}
 _DESCRIPTIVE = re.compile(r"Comment|Description|Notes|Narrative|Address|Telephone|Telecom")
 
 _DICOM_SUFFIX = ".dcm"
@@ -366,25 +365,8 @@ def _put(ds, t: int, vr: str, values: list[str]) -> None:
     _set(ds, t, vr, values if len(values) > 1 else (values[0] if values else ""))
 
 
-def _strings(ds, t: int, vr: str) -> list[str]:
-    """The values of a string element, decoded from the raw bytes when they are still raw."""
-    elem = ds._dict[t]
-    if type(elem) is RawDataElement and vr in ASCII_VRS and elem.value is not None:
-        return dicomraw.strings(elem.value, vr)
-    return [str(v) for v in _values(ds[t].value)]
-
-
 def _drop(ds, t) -> None:
     del ds._dict[t]
-
-
-def _vr_of(ds, t: int) -> str:
-    elem = ds._dict[t]  # raw or converted element, without converting it
-    vr = elem.VR
-    if vr is None or vr == "UN":
-        entry = DicomDictionary.get(t)
-        vr = entry[0] if entry else "UN"
-    return vr
 
 
 def _dummy(vr: str, ctx: _Context):
@@ -428,7 +410,7 @@ def _clean(ds, ctx: _Context) -> None:
             del elements[tag]
             ctx.changed += 1
             continue
-        vr = _vr_of(ds, tag)
+        vr = dicomraw.vr_of(ds, tag)
         if action is None:
             if vr == "SQ":
                 action = "K"
@@ -537,7 +519,7 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
         ctx.changed += 1
         return
     if action == "S":  # Clean Descriptors: the text without this file's identifying values
-        old = [str(v) for v in _values(ds[t].value)]
+        old = dicomraw.values(ds, t, vr)
         new = [scrub(v, ctx.phi) for v in old]
         if new != old:
             _set(ds, t, vr, new if len(new) > 1 else (new[0] if new else ""))
@@ -546,7 +528,7 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
     if vr == "UI" and ctx.retain_uids:
         return  # Retain UIDs option
     if vr == "UI" and action in ("U", "D", "C", "T"):
-        old = _strings(ds, t, vr)
+        old = dicomraw.values(ds, t, vr)
         # a standard UID (SOP classes, coding schemes, ...) is kept everywhere, so that
         # references stay consistent; every other UID maps to its keyed 2.25 UID
         new = [v if v.startswith(STANDARD_UID_ROOT) else ctx.uid(v) for v in old if v]
@@ -556,10 +538,10 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
         return
     if action == "C":
         if vr == "DA":
-            old = _strings(ds, t, vr)
+            old = dicomraw.values(ds, t, vr)
             new = [v for v in (_shift_date(v, ctx.shift) for v in old) if v]
         elif vr == "DT":
-            old = _strings(ds, t, vr)
+            old = dicomraw.values(ds, t, vr)
             new = [v for v in (_shift_datetime(v, ctx.shift) for v in old) if v]
         elif vr == "TM":
             return  # times of day carry no date: kept under the modified-dates option
@@ -572,7 +554,7 @@ def _apply(ds, t: int, vr: str, action: str, ctx: _Context) -> None:
                 ctx.changed += 1
             return
     if action == "T":  # device identity: one keyed token per value
-        old = [str(v) for v in _values(ds[t].value)]
+        old = dicomraw.values(ds, t, vr)
         if vr in ("LO", "SH", "CS", "AE", "LT", "ST", "UT", "UC"):
             new = [keys.pseudonym(ctx.key, v, prefix="D", length=10) for v in old]
             _put(ds, t, vr, new)

@@ -62,7 +62,9 @@ def strings(value: bytes, vr: str) -> list[str]:
 ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "IS", "DS", "AE"})
 
 
-def _vr(ds, tag: int) -> str:
+def vr_of(ds, tag: int) -> str:
+    """The VR of an element as read (raw or converted, without converting it); the dictionary's
+    when the file gave none (implicit VR) or UN."""
     vr = ds._dict[tag].VR
     if vr is None or vr == "UN":
         entry = DicomDictionary.get(tag)
@@ -70,21 +72,24 @@ def _vr(ds, tag: int) -> str:
     return vr
 
 
-def text(ds, tag: int) -> str:
-    """One element's value as text ('' when absent), from the raw bytes when it is still raw and
-    of an ASCII VR (UIDs, code strings, dates, numbers as strings): the element is not converted."""
-    elem = ds._dict.get(tag)
-    if elem is None:
-        return ""
-    vr = _vr(ds, tag)
+def values(ds, tag: int, vr: str | None = None) -> list[str]:
+    """An element's values as strings, from the raw bytes when it is still raw and of an ASCII VR
+    (UIDs, code strings, dates, numbers as strings): the element is then not converted."""
+    elem = ds._dict[tag]
+    vr = vr or vr_of(ds, tag)
     if type(elem) is RawDataElement and elem.value is not None and vr in ASCII_VRS:
-        return "\\".join(strings(elem.value, vr))
+        return strings(elem.value, vr)
     value = ds[tag].value
-    if value is None:
-        return ""
+    if value is None or value == "":
+        return []
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def text(ds, tag: int) -> str:
+    """One element's value(s) as text, backslash-separated; '' when absent (see :func:`values`)."""
+    return "\\".join(values(ds, tag)) if tag in ds._dict else ""
 
 
 def number(ds, tag: int) -> int | None:
@@ -93,7 +98,7 @@ def number(ds, tag: int) -> int | None:
     if elem is None:
         return None
     if (type(elem) is RawDataElement and elem.value is not None and len(elem.value) in (2, 4)
-            and ds.original_encoding[1] and _vr(ds, tag) in ("US", "UL")):
+            and ds.original_encoding[1] and vr_of(ds, tag) in ("US", "UL")):
         return int.from_bytes(elem.value, "little")
     value = ds[tag].value
     return None if value in (None, "") else int(value)
