@@ -7,7 +7,7 @@ de-identifier touches few of them: it deletes elements, and replaces a handful o
 * :func:`strings` reads the values of a raw string element (UI, DA, DT...) exactly as pydicom
   would decode them, without building a ``DataElement``;
 * :func:`text_element` builds a raw element from new ASCII values;
-* :func:`encode_file` writes a data set in the DICOM file format: every raw element as its tag,
+* :func:`write_file` writes a data set in the DICOM file format: every raw element as its tag,
   VR, length and original bytes, sequences rebuilt around their (cleaned) items, and any element
   the de-identifier converted through pydicom's own element writer.  The result is byte for byte
   what ``Dataset.save_as(enforce_file_format=True)`` writes (the tests compare them); what this
@@ -35,7 +35,7 @@ _UNDEFINED = 0xFFFFFFFF
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
 _PIXEL_DATA = 0x7FE00010
-_LONG = frozenset(EXPLICIT_VR_LENGTH_32)
+LONG_VRS = frozenset(EXPLICIT_VR_LENGTH_32)  # explicit VRs with a reserved field and a 4-byte length
 _PADDED_WITH_NUL = frozenset({"UI", "OB", "UN"})
 
 
@@ -119,12 +119,7 @@ def text_element(tag: int, vr: str, values: list[str], implicit: bool) -> RawDat
 def sequence_element(tag: int, items, implicit: bool) -> RawDataElement:
     """A raw (little endian) sequence of new ``items`` (data sets of ``DataElement``), encoded once
     and shared between files; pydicom decodes it like any other sequence read from a file."""
-    body = bytearray()
-    for item in items:
-        inner = bytearray()
-        _dataset(inner.extend, item, implicit, ["iso8859"])
-        body += _ITEM.pack(0xFFFE, 0xE000, len(inner))
-        body += inner
+    body = _items(items, implicit, ["iso8859"])
     return RawDataElement(BaseTag(tag), "SQ", len(body), bytes(body), 0, implicit, True)
 
 
@@ -135,7 +130,7 @@ def sequence_element(tag: int, items, implicit: bool) -> RawDataElement:
 def _header(tag: int, vr: str | None, length: int, implicit: bool) -> bytes:
     if implicit:
         return _IMPLICIT.pack(tag >> 16, tag & 0xFFFF, length)
-    if vr in _LONG:
+    if vr in LONG_VRS:
         return _EXPLICIT32.pack(tag >> 16, tag & 0xFFFF, vr.encode(), length)
     return _EXPLICIT16.pack(tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
@@ -147,6 +142,22 @@ def _element(write: Callable[[bytes], object], elem, implicit: bool, encodings) 
     buf.is_little_endian = True
     write_data_element(buf, elem, encodings)
     write(buf.getvalue())
+
+
+def _items(items, implicit: bool, encodings) -> bytearray:
+    """The items of a sequence, each with its length (or undefined, as it was read)."""
+    body = bytearray()
+    for item in items:
+        inner = bytearray()
+        _dataset(inner.extend, item, implicit, encodings)
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            body += _ITEM.pack(0xFFFE, 0xE000, _UNDEFINED)
+            body += inner
+            body += _ITEM_END
+        else:
+            body += _ITEM.pack(0xFFFE, 0xE000, len(inner))
+            body += inner
+    return body
 
 
 def _dataset(write: Callable[[bytes], object], ds, implicit: bool, encodings, top: bool = False,
@@ -177,24 +188,14 @@ def _dataset(write: Callable[[bytes], object], ds, implicit: bool, encodings, to
             if not implicit and (vr is None or len(vr) != 2):
                 raise Unsupported("raw element without a concrete VR")
             undefined = elem.length == _UNDEFINED
-            if not implicit and not undefined and len(value) > 0xFFFF and vr not in _LONG:
+            if not implicit and not undefined and len(value) > 0xFFFF and vr not in LONG_VRS:
                 vr = "UN"  # as pydicom does (PS3.5 6.2.2)
             write(_header(tag, vr, _UNDEFINED if undefined else len(value), implicit))
             write(value)
             if undefined:
                 write(_SEQUENCE_END)
         elif elem.VR == "SQ":
-            body = bytearray()
-            for item in elem.value or ():
-                inner = bytearray()
-                _dataset(inner.extend, item, implicit, encodings)
-                if getattr(item, "is_undefined_length_sequence_item", False):
-                    body += _ITEM.pack(0xFFFE, 0xE000, _UNDEFINED)
-                    body += inner
-                    body += _ITEM_END
-                else:
-                    body += _ITEM.pack(0xFFFE, 0xE000, len(inner))
-                    body += inner
+            body = _items(elem.value or (), implicit, encodings)
             undefined = elem.is_undefined_length
             write(_header(tag, "SQ", _UNDEFINED if undefined else len(body), implicit))
             write(bytes(body))

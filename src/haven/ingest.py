@@ -162,8 +162,6 @@ def _looks_like_bare_dicom(head: bytes) -> bool:
     return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
 
 
-_META_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                            b"UT", b"UV"})
 _NATIVE_LE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # syntax -> implicit VR
 
 
@@ -175,6 +173,8 @@ def _read_native(fh):
     from pydicom.dataset import FileMetaDataset
     from pydicom.filereader import read_dataset
     from pydicom.tag import BaseTag
+
+    from haven.dicomraw import LONG_VRS
 
     fh.seek(132)
     meta = {}
@@ -189,7 +189,7 @@ def _read_native(fh):
         vr = head[4:6]
         if not (b"AA" <= vr <= b"ZZ"):
             return None  # a meta group not in explicit VR: pydicom knows how to cope
-        if vr in _META_LONG_VRS:
+        if vr.decode("latin-1") in LONG_VRS:
             length = int.from_bytes(fh.read(4), "little")
         else:
             length = int.from_bytes(head[6:8], "little")
