@@ -62,7 +62,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from haven import dicomraw, keys, redact
+from haven import deface, dicomraw, keys, redact
 from haven.audit import STANDARD_SCHEMES
 from haven.io import atomic_write_text, csv_text
 
@@ -85,6 +85,7 @@ DEFAULT_OPTIONS = {
     "retain_uids": False,
     "safe_private": [],  # Retain Safe Private: [{"group": "0019", "creator": "...", "elements": ["10", ...]}]
     "pixels": {},  # burned-in text cleaning: haven.redact.DEFAULT_PIXEL_OPTIONS
+    "deface": {},  # Clean Recognizable Visual Features of head volumes: haven.deface.DEFAULTS
 }
 
 STANDARD_UID_ROOT = "1.2.840.10008."
@@ -585,6 +586,7 @@ def _options(options: dict | None) -> dict:
                          f"(known: {', '.join(DEFAULT_OPTIONS)})")
     opts.update(options or {})
     opts["pixels"] = redact.options(opts.get("pixels"))
+    opts["deface"] = deface.options(opts.get("deface"))
     opts["safe_private_table"] = safe_private_table(opts.get("safe_private") or [])
     if int(opts["age_band_width"]) < 1 or int(opts["max_shift_days"]) < 1:
         raise ValueError("age_band_width and max_shift_days must be >= 1")
@@ -1054,7 +1056,7 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
     root = source.resolve()
     for index, row in enumerate(rows):
         rel_in = row.get("path", "")
-        if parts > 1 and shard_of(rel_in, parts) != part:
+        if parts > 1 and shard_of(_shard_key(row), parts) != part:
             continue
         inputs += 1
         kind = (row.get("kind") or "").strip().lower()
@@ -1116,6 +1118,16 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
         log_rows.append({"input_index": index, "status": "anonymized", "output": rel_out,
                          "actions": changed})
 
+    if opts["deface"]["enabled"]:
+        failed = _deface_series(data_dir, manifest, produced, opts)
+        if failed:
+            gone = {produced.pop(rel): reason for rel, reason in failed.items()}
+            manifest = [m for m in manifest if m["file"] not in failed]
+            for r in log_rows:
+                if r["input_index"] in gone:
+                    r.update(status="quarantined", output="", actions=0)
+            quarantine.extend({"input_index": i, "reason": reason} for i, reason in gone.items())
+            quarantine.sort(key=lambda q: q["input_index"])
     _remove_stale(data_dir, set(produced))
     atomic_write_text(out_dir / "manifest.csv", csv_text(MANIFEST_COLUMNS, manifest))
     atomic_write_text(out_dir / "anonymization.log.csv", csv_text(LOG_COLUMNS, log_rows))
@@ -1124,6 +1136,57 @@ def anonymize(source: Path, ingest_dir: Path, out_dir: Path, key: bytes,
     log.info("anonymize: %(inputs)d inputs, %(anonymized)d anonymized, %(quarantined)d quarantined",
              summary)
     return summary
+
+
+def _shard_key(row: dict) -> str:
+    """What decides a file's shard: its series (a series is never split between shard jobs, so a
+    head volume is defaced whole), else its path."""
+    series = (row.get("series_uid") or "").strip()
+    if series and (row.get("kind") or "").strip().lower() == "dicom":
+        return "series:" + series
+    return row.get("path", "")
+
+
+def _deface_series(data_dir: Path, manifest: list[dict], produced: dict[str, int], opts: dict) -> dict[str, str]:
+    """Deface the head volumes among this run's outputs (:mod:`haven.deface`), rewriting their
+    files; returns ``{output: reason}`` for the files of series that could not be defaced."""
+    dopts = opts["deface"]
+    groups: dict[str, list[str]] = {}
+    for m in manifest:
+        if m["kind"] == "dicom" and m["series"] and (m["modality"] or "").upper() in dopts["modalities"]:
+            groups.setdefault(m["series"], []).append(m["file"])
+    failed: dict[str, str] = {}
+    for series, files in sorted(groups.items()):
+        if len(files) < int(dopts["min_slices"]):
+            continue  # a few slices are not a volume a face can be rendered from
+        try:
+            datasets = [pydicom.dcmread(data_dir / f) for f in files]
+            if not any(deface.applies(ds, dopts) for ds in datasets):
+                continue
+            removed = deface.deface(datasets, dopts)
+            for f, ds in zip(files, datasets):
+                _mark_defaced(ds)
+                _write_dicom(ds, data_dir / f, _Meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                                     str(ds.file_meta.TransferSyntaxUID)))
+            log.info("defaced a %d-slice %s volume: %d voxels removed", len(files),
+                     datasets[0].get("Modality", ""), removed)
+        except (deface.DefaceError, AnonymizeError) as e:
+            failed.update({f: f"defacing: {e}" for f in files})
+        except Exception as e:  # one series never stops the run; the class name carries no PHI
+            failed.update({f: f"defacing failed ({type(e).__name__})" for f in files})
+    for f in failed:
+        (data_dir / f).unlink(missing_ok=True)
+    return failed
+
+
+def _mark_defaced(ds) -> None:
+    """Record the Clean Recognizable Visual Features option in a defaced file."""
+    codes = [(str(i.CodeValue), str(i.CodeMeaning)) for i in ds.get("DeidentificationMethodCodeSequence", [])]
+    if deface.CODE not in codes:
+        codes.append(deface.CODE)
+    ds.DeidentificationMethodCodeSequence = _method_items(codes)
+    ds.DeidentificationMethod = "haven basic profile; options: " + " ".join(c for c, _ in codes[1:])
+    ds.RecognizableVisualFeatures = "NO"
 
 
 def _rmdir_quiet(path: Path) -> None:

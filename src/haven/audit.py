@@ -695,7 +695,8 @@ def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelTex
 
 def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_days: int = 3650,
           ocr_modalities: Iterable[str] | None = None, ocr: bool = True, clean_descriptors: bool = False,
-          retain_uids: bool = False, safe_private: list[dict] | None = None) -> dict:
+          retain_uids: bool = False, safe_private: list[dict] | None = None,
+          deface: dict | None = None) -> dict:
     """Audit ``anon_dir`` (the anonymize stage's output) against ``ingest_dir``'s identifiers.
 
     Returns ``{"passed", "files", "findings": [{"file", "where", "kind"}], ...}``; a finding
@@ -707,6 +708,8 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
     ``pixel_text_not_read``).  ``clean_descriptors``/``retain_uids``: the anonymize options of
     that name were on (the descriptions' whole values and the UIDs are then not searched);
     ``safe_private``: the Retain Safe Private allow-list (``anonymize.safe_private``).
+    ``deface``: the project's ``anonymize.deface`` settings; when enabled, every file of a head
+    volume it covers must say it was defaced (RecognizableVisualFeatures NO and code 113102).
     """
     anon_dir, ingest_dir = Path(anon_dir), Path(ingest_dir)
     if not (ingest_dir / "identifiers.csv").is_file():
@@ -751,7 +754,40 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
             findings.append({"file": name, "where": name, "kind": "missing"})
     for name in ("manifest.csv", "anonymization.log.csv"):
         findings.extend(_scan_csv(anon_dir / name, ids))
+    if deface and deface.get("enabled") and (anon_dir / "manifest.csv").is_file():
+        findings.extend(_check_defaced(data, _read_csv(anon_dir / "manifest.csv"), deface))
     return _result(files, findings, ids, pixels)
+
+
+def _check_defaced(data: Path, manifest: list[dict], deface_options: dict) -> list[dict]:
+    """A finding for every file of a head volume the project defaces that does not say so."""
+    import pydicom
+
+    from haven import deface
+
+    opts = deface.options(deface_options)
+    series: dict[str, list[str]] = {}
+    for row in manifest:
+        if row.get("kind") == "dicom" and row.get("series") and \
+                (row.get("modality") or "").upper() in opts["modalities"]:
+            series.setdefault(row["series"], []).append(row["file"])
+    findings = []
+    for files in series.values():
+        if len(files) < int(opts["min_slices"]):
+            continue
+        for f in files:
+            try:
+                ds = pydicom.dcmread(data / f, stop_before_pixels=True)
+            except Exception as e:
+                findings.append({"file": f, "where": "file", "kind": f"unreadable ({type(e).__name__})"})
+                continue
+            if not deface.applies(ds, opts):
+                continue
+            codes = {str(i.get("CodeValue", "")) for i in ds.get("DeidentificationMethodCodeSequence", [])}
+            if str(ds.get("RecognizableVisualFeatures", "")).upper() != "NO" or deface.CODE[0] not in codes:
+                findings.append({"file": f, "where": "(0028,0302) RecognizableVisualFeatures",
+                                 "kind": "head volume not defaced"})
+    return findings
 
 
 def audit_tree(root: Path, identifiers: set[str] | Iterable[str] | Path | str, ocr: bool = True) -> dict:

@@ -125,7 +125,8 @@ def cmd_audit(args) -> int:
                    ocr=pixels.get("clean", "auto") != "off",
                    clean_descriptors=bool(options.get("clean_descriptors")),
                    retain_uids=bool(options.get("retain_uids")),
-                   safe_private=options.get("safe_private") or None)
+                   safe_private=options.get("safe_private") or None,
+                   deface=options.get("deface") or None)
     passed = result["passed"]
     target = anon / ("audit.json" if passed else "audit.failed.json")
     (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)

@@ -1,0 +1,257 @@
+"""Defacing: the PS3.15 Clean Recognizable Visual Features option for 3D head CT and MR series.
+
+A head volume can be rendered into a face that people (and face recognition) recognise.  When a
+project enables ``anonymize.deface``, every series of the listed modalities that covers a head
+(BodyPartExamined, or no body part given) and holds enough slices to be a volume is defaced after
+its files are de-identified:
+
+1. the slices are stacked by their position along the slice normal into a volume with its patient
+   geometry (:func:`volume`);
+2. it is resampled onto an isotropic grid aligned with the patient axes, where a brain mask is
+   found: for CT from Hounsfield units (soft tissue inside the closed ring of the skull, per axial
+   slice; :func:`brain_mask_ct`), for MR by FSL BET's surface model as implemented by the
+   ``brainextractor`` package (:func:`brain_mask_mr`);
+3. Quickshear (the ``quickshear`` package, Schimke & Hale 2011) puts a plane along the lower front
+   edge of the brain mask's sagittal hull, ``buffer_mm`` below it, and every voxel in front of and
+   below the plane is set to the background (air) value in the original slices.
+
+A volume whose brain mask is implausible (too small or too large for a head) cannot be defaced
+confidently: the anonymize stage quarantines the whole series instead of passing a face through.
+Defaced files carry RecognizableVisualFeatures = NO and the option's code (113102) in their
+DeidentificationMethodCodeSequence, which the audit checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+CODE = ("113102", "Clean Recognizable Visual Features Option")
+HEAD_PARTS = ("HEAD", "BRAIN", "SKULL", "HEADNECK", "HEADNECKCHEST")
+
+DEFAULTS = {
+    "enabled": False,
+    "modalities": ["MR"],
+    "body_parts": list(HEAD_PARTS),
+    "missing_body_part": "deface",
+    "min_slices": 16,
+    "buffer_mm": 10.0,
+    "grid_mm": 2.0,
+    "brain_ml": [300.0, 2500.0],
+}
+
+
+class DefaceError(Exception):
+    """A head volume that cannot be defaced confidently; the message names the cause and the fix
+    and carries no identifier."""
+
+
+def options(given: dict | None) -> dict:
+    opts = dict(DEFAULTS)
+    unknown = set(given or {}) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown anonymize.deface option(s): {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(DEFAULTS)})")
+    opts.update(given or {})
+    opts["modalities"] = [str(m).upper() for m in opts["modalities"]]
+    opts["body_parts"] = [str(b).upper() for b in opts["body_parts"]]
+    if opts["missing_body_part"] not in ("deface", "skip"):
+        raise ValueError("anonymize.deface.missing_body_part must be 'deface' or 'skip'")
+    lo, hi = (float(v) for v in opts["brain_ml"])
+    if not 0 < lo < hi:
+        raise ValueError("anonymize.deface.brain_ml must be [low, high] with 0 < low < high")
+    return opts
+
+
+def applies(ds, opts: dict) -> bool:
+    """Whether a (de-identified) file belongs to a series this project defaces."""
+    if not opts.get("enabled"):
+        return False
+    if str(ds.get("Modality", "") or "").strip().upper() not in opts["modalities"]:
+        return False
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if not part:
+        return opts["missing_body_part"] == "deface"
+    return part in opts["body_parts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the volume
+
+
+@dataclass
+class Volume:
+    data: np.ndarray  # (columns, rows, slices), stored values
+    affine: np.ndarray  # voxel index (i, j, k) -> RAS millimetres
+    order: list[int]  # the input datasets' indices, slice by slice
+
+
+def volume(datasets: list) -> Volume:
+    """Stack single-frame slices of one series into a volume (raises :class:`DefaceError`)."""
+    geometry = []
+    for ds in datasets:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DefaceError("multi-frame head volume: defacing reads single-frame series only; convert "
+                              "the enhanced file to single frames (e.g. dcmtk's `dcm2img`/emf2sf) or "
+                              "disable anonymize.deface for this project")
+        try:
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
+            spacing = [float(v) for v in ds.PixelSpacing]
+            shape = (int(ds.Rows), int(ds.Columns))
+        except Exception:
+            raise DefaceError("head volume without slice geometry (ImageOrientationPatient, "
+                              "ImagePositionPatient, PixelSpacing): it cannot be defaced") from None
+        if iop.shape != (6,) or ipp.shape != (3,) or len(spacing) != 2 or min(spacing) <= 0:
+            raise DefaceError("head volume with malformed slice geometry: it cannot be defaced")
+        geometry.append((iop, ipp, spacing, shape))
+    iop0, _, spacing0, shape0 = geometry[0]
+    for iop, _, spacing, shape in geometry[1:]:
+        if shape != shape0 or not np.allclose(iop, iop0, atol=1e-3) or not np.allclose(spacing, spacing0, rtol=1e-3):
+            raise DefaceError("series mixes slice orientations or sizes (a localizer among the slices?): "
+                              "it cannot be stacked into one volume for defacing; move the odd slices "
+                              "to a series of their own")
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    normal = np.cross(row_dir, col_dir)
+    where = np.array([g[1] @ normal for g in geometry])
+    order = [int(i) for i in np.argsort(where, kind="stable")]
+    steps = np.diff(where[order])
+    if len(steps) == 0 or np.any(steps < 1e-3):
+        raise DefaceError("series holds several slices at one position (several volumes or echoes "
+                          "in one series): it cannot be stacked into one volume for defacing")
+    step = float(np.median(steps))
+    slices = []
+    for i in order:
+        arr = datasets[i].pixel_array
+        if arr.ndim != 2:
+            raise DefaceError("head volume with colour slices: it cannot be defaced")
+        slices.append(arr)
+    data = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
+    first = geometry[order[0]][1]
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing0[1]
+    lps[:3, 1] = col_dir * spacing0[0]
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = first
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return Volume(data, ras, order)
+
+
+# ---------------------------------------------------------------------------------------------
+# brain masks (on an isotropic grid aligned with R, A, S)
+
+
+def _grid(vol: Volume, mm: float):
+    """An isotropic RAS grid holding the volume: (shape, affine)."""
+    shape = np.array(vol.data.shape)
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]) @ vol.affine.T
+    lo, hi = corners[:, :3].min(axis=0), corners[:, :3].max(axis=0)
+    dims = tuple(int(np.ceil((h - l) / mm)) + 1 for l, h in zip(lo, hi))
+    affine = np.diag([mm, mm, mm, 1.0])
+    affine[:3, 3] = lo
+    return dims, affine
+
+
+def brain_mask_ct(hu: np.ndarray, mm: float) -> np.ndarray:
+    """Brain of a head CT on a RAS grid: soft tissue (−20…100 HU) inside the skull's closed ring
+    (> 300 HU) in each axial slice, opened to cut thin bridges, the largest connected part."""
+    from scipy import ndimage
+
+    bone = hu > 300
+    inside = np.zeros_like(bone)
+    for k in range(bone.shape[2]):
+        if bone[:, :, k].any():
+            inside[:, :, k] = ndimage.binary_fill_holes(bone[:, :, k]) & ~bone[:, :, k]
+    soft = inside & (hu > -20) & (hu < 100)
+    soft = ndimage.binary_opening(soft, iterations=max(1, int(round(3.0 / mm))))
+    labels, n = ndimage.label(soft)
+    if n == 0:
+        return soft
+    sizes = ndimage.sum(soft, labels, index=range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def brain_mask_mr(image, mm: float) -> np.ndarray:
+    """Brain of a head MR on a RAS grid: FSL BET's deformable surface (``brainextractor``)."""
+    try:
+        from brainextractor import BrainExtractor
+    except ImportError:
+        raise DefaceError("MR defacing needs the brainextractor package (pip install brainextractor)") from None
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bet = BrainExtractor(image)
+        bet.run(iterations=1000)
+        return bet.compute_mask() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the shear
+
+
+def face_mask(vol: Volume, modality: str, slope: float, intercept: float, opts: dict) -> np.ndarray:
+    """Voxels of ``vol`` (its own grid) in front of and below the Quickshear plane: True = remove."""
+    import nibabel as nb
+    from nibabel.processing import resample_from_to
+    from quickshear import quickshear
+
+    mm = float(opts["grid_mm"])
+    native = nb.Nifti1Image(vol.data.astype(np.float32) * slope + intercept, vol.affine)
+    dims, affine = _grid(vol, mm)
+    background = float(native.dataobj.min())
+    iso = resample_from_to(native, (dims, affine), order=1, cval=background)
+    values = np.asanyarray(iso.dataobj)
+    if modality == "CT":
+        brain = brain_mask_ct(values, mm)
+    else:
+        brain = brain_mask_mr(nb.Nifti1Image(values - background, affine), mm)
+    ml = float(brain.sum()) * mm ** 3 / 1000.0
+    lo, hi = (float(v) for v in opts["brain_ml"])
+    if not lo <= ml <= hi:
+        raise DefaceError(f"no brain of plausible size found in the head volume ({ml:.0f} mL, expected "
+                          f"{lo:.0f}-{hi:.0f}): it cannot be defaced confidently; check anonymize.deface "
+                          f"(modalities, body_parts, brain_ml) or deface the series by hand")
+    # Quickshear walks the plane over as many anterior-posterior columns as the grid has axial
+    # slices: pad above the head so that it reaches every column
+    pad = max(0, dims[1] - dims[2])
+    padded = np.zeros((dims[0], dims[1], dims[2] + pad), dtype=np.uint8)
+    padded[:, :, :dims[2]] = brain
+    ones = nb.Nifti1Image(np.ones(padded.shape, dtype=np.uint8), affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # its 2-D np.cross (NumPy 2)
+        sheared = quickshear(ones, nb.Nifti1Image(padded, affine), buff=float(opts["buffer_mm"]) / mm)
+    keep = np.asanyarray(sheared.dataobj)[:, :, :dims[2]]
+    keep_native = resample_from_to(nb.Nifti1Image(keep.astype(np.uint8), affine), native, order=0, cval=1)
+    return np.asanyarray(keep_native.dataobj) == 0
+
+
+def deface(datasets: list, opts: dict) -> int:
+    """Deface one series (its datasets, in place): the voxels in the removed region.  Raises :class:`DefaceError`."""
+    vol = volume(datasets)
+    ds0 = datasets[0]
+    modality = str(ds0.get("Modality", "") or "").strip().upper()
+    slope = float(ds0.get("RescaleSlope", 1) or 1)
+    intercept = float(ds0.get("RescaleIntercept", 0) or 0)
+    remove = face_mask(vol, modality, slope, intercept, opts)
+    photometric = str(ds0.get("PhotometricInterpretation", "") or "").strip().upper()
+    background = vol.data.max() if photometric == "MONOCHROME1" else vol.data.min()
+    removed = int(remove.sum())
+    for k, i in enumerate(vol.order):
+        ds = datasets[i]
+        arr = np.array(vol.data[:, :, k].T, copy=True)  # back to (rows, cols)
+        cut = remove[:, :, k].T
+        if cut.any():
+            arr[cut] = background
+            bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
+            try:
+                ds.set_pixel_data(np.ascontiguousarray(arr), photometric or "MONOCHROME2",
+                                  min(bits, arr.dtype.itemsize * 8), generate_instance_uid=False)
+            except NotImplementedError:
+                raise DefaceError("big-endian pixel data cannot be re-encoded after defacing: convert "
+                                  "the series to little endian first (e.g. dcmtk's `dcmconv +te`)") from None
+        ds.RecognizableVisualFeatures = "NO"
+    return removed

@@ -1,0 +1,187 @@
+"""Defacing of 3D head volumes (PS3.15 Clean Recognizable Visual Features): the face goes, the
+brain stays, a volume without a findable brain is quarantined, and the audit fails on a head
+volume left with its face."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pydicom
+import pytest
+
+import headphantom
+from haven import deface
+from haven.anonymize import anonymize
+from haven.audit import audit
+from haven.ingest import ingest
+from haven.shards import shard_of
+
+KEY = b"deface-test-key-0123456789abcdef"
+
+
+def _cut(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Voxels set to the background by defacing."""
+    bg = before.min()
+    return (after == bg) & (before != bg)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_face_removed_brain_kept(modality):
+    datasets, parts = headphantom.series(modality)
+    before = headphantom.stack(datasets)
+    removed = deface.deface(datasets, deface.options({"enabled": True, "modalities": [modality]}))
+    after = headphantom.stack(datasets)
+    cut = _cut(before, after)
+    assert np.array_equal(after != before, cut)  # only ever set to the background
+    assert removed >= int(cut.sum()) > 0  # (voxels of the cut region already at the background count too)
+    assert cut[parts["brain"]].sum() == 0  # not one brain voxel
+    assert cut[parts["nose"]].mean() > 0.99
+    assert cut[parts["eyes"]].mean() > 0.8
+    assert cut[parts["face"]].mean() > 0.6  # the rest lies in the buffer under the brain
+    assert cut[parts["skull"]].mean() < 0.02  # the vault is kept
+    assert all(ds.RecognizableVisualFeatures == "NO" for ds in datasets)
+
+
+def test_slices_in_any_order_give_the_same_volume():
+    datasets, _ = headphantom.series("CT", z=(-110.0, 100.0))
+    shuffled = list(reversed(datasets))
+    vol = deface.volume(shuffled)
+    assert vol.data.shape == (128, 128, len(datasets))
+    assert vol.order == list(range(len(datasets)))[::-1]
+    # the affine maps voxel (0, 0, 0) to the first slice's position (LPS -> RAS)
+    x, y, z = (float(v) for v in datasets[0].ImagePositionPatient)
+    assert np.allclose(vol.affine @ [0, 0, 0, 1], [-x, -y, z, 1])
+
+
+def test_no_brain_found_is_an_error_not_a_pass():
+    datasets, _ = headphantom.series("CT")
+    for ds in datasets:  # air only: nothing in it looks like a brain
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), dtype=np.uint16).tobytes()
+    with pytest.raises(deface.DefaceError, match="no brain of plausible size"):
+        deface.deface(datasets, deface.options({"enabled": True, "modalities": ["CT"]}))
+
+
+def test_mixed_orientations_are_refused():
+    datasets, _ = headphantom.series("CT", z=(-30.0, 30.0))
+    datasets[3].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    with pytest.raises(deface.DefaceError, match="mixes slice orientations"):
+        deface.volume(datasets)
+
+
+def test_which_series_are_heads():
+    opts = deface.options({"enabled": True})
+    ds = pydicom.Dataset()
+    ds.Modality, ds.BodyPartExamined = "MR", "BRAIN"
+    assert deface.applies(ds, opts)
+    ds.BodyPartExamined = "KNEE"
+    assert not deface.applies(ds, opts)
+    del ds.BodyPartExamined
+    assert deface.applies(ds, opts)
+    assert not deface.applies(ds, deface.options({"enabled": True, "missing_body_part": "skip"}))
+    ds.Modality = "CT"  # head MR by default; CT only when listed
+    assert not deface.applies(ds, opts)
+    assert not deface.applies(ds, deface.options({}))
+    with pytest.raises(ValueError, match="unknown anonymize.deface option"):
+        deface.options({"enable": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# in the anonymize stage, and its audit
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """A source with a head CT volume, a two-slice head CT series and a volume that cannot be
+    stacked; ingested."""
+    root = tmp_path_factory.mktemp("heads")
+    src = root / "src"
+    volume, parts = headphantom.series("CT", seed=1)
+    headphantom.write(volume, src / "volume")
+    pair, _ = headphantom.series("CT", seed=2, z=(0.0, 3.0))
+    for ds in pair:
+        ds.PatientID = "PHANTOM-0002"
+    headphantom.write(pair, src / "pair")
+    broken, _ = headphantom.series("CT", seed=3, z=(-40.0, 20.0))
+    for ds in broken:
+        ds.PatientID = "PHANTOM-0003"
+    broken[5].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    headphantom.write(broken, src / "broken")
+    ingest(src, root / "ingest")
+    return {"root": root, "src": src, "parts": parts, "volume": volume}
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tmp_path):
+    root = heads["root"]
+    out = tmp_path / "anon"
+    opts = {"deface": {"enabled": True, "modalities": ["CT"]}}
+    summary = anonymize(heads["src"], root / "ingest", out, KEY, opts)
+    n_volume, n_broken = len(heads["volume"]), 21
+    assert summary["inputs"] == n_volume + 2 + n_broken
+    assert summary["quarantined"] == n_broken
+    quarantine = _rows(out / "quarantine.csv")
+    assert {q["reason"] for q in quarantine} == {
+        "defacing: series mixes slice orientations or sizes (a localizer among the slices?): "
+        "it cannot be stacked into one volume for defacing; move the odd slices to a series of their own"}
+    manifest = _rows(out / "manifest.csv")
+    files = {m["file"] for m in manifest}
+    on_disk = {p.relative_to(out / "data").as_posix() for p in (out / "data").rglob("*.dcm")}
+    assert on_disk == files  # nothing of the quarantined series is left behind
+
+    by_series: dict[str, list] = {}
+    for m in manifest:
+        by_series.setdefault(m["series"], []).append(pydicom.dcmread(out / "data" / m["file"]))
+    sizes = sorted(len(v) for v in by_series.values())
+    assert sizes == [2, n_volume]
+    for datasets in by_series.values():
+        codes = {str(i.CodeValue) for i in datasets[0].DeidentificationMethodCodeSequence}
+        if len(datasets) == 2:  # two slices are not a volume: left as they are
+            assert "113102" not in codes and "RecognizableVisualFeatures" not in datasets[0]
+            continue
+        assert "113102" in codes and "113100" in codes
+        assert all(ds.RecognizableVisualFeatures == "NO" for ds in datasets)
+        assert "113102" in str(datasets[0].DeidentificationMethod)
+        after = headphantom.stack(datasets)
+        cut = _cut(headphantom.stack(heads["volume"]), after)
+        assert cut[heads["parts"]["nose"]].mean() > 0.99
+        assert cut[heads["parts"]["brain"]].sum() == 0
+
+    result = audit(out, root / "ingest", KEY, deface=opts["deface"])
+    assert result["passed"], result["findings"][:5]
+
+
+def test_audit_fails_on_a_head_volume_left_with_its_face(heads, tmp_path):
+    root = heads["root"]
+    out = tmp_path / "anon"
+    anonymize(heads["src"], root / "ingest", out, KEY, {})  # defacing off
+    assert audit(out, root / "ingest", KEY)["passed"]
+    result = audit(out, root / "ingest", KEY, deface={"enabled": True, "modalities": ["CT"]})
+    assert not result["passed"]
+    kinds = {f["kind"] for f in result["findings"]}
+    assert kinds == {"head volume not defaced"}
+    # the volume's slices and the unstackable series' slices; not the two-slice series
+    assert len(result["findings"]) == len(heads["volume"]) + 21
+
+
+def test_a_series_is_never_split_between_shards(heads, tmp_path):
+    root = heads["root"]
+    rows = _rows(root / "ingest" / "manifest.csv")
+    total = 0
+    for i in range(4):
+        out = tmp_path / f"s{i}"
+        summary = anonymize(heads["src"], root / "ingest", out, KEY,
+                            {"deface": {"enabled": True, "modalities": ["CT"]}}, shard=(i, 4))
+        total += summary["inputs"]
+        series = {m["series"] for m in _rows(out / "manifest.csv")}
+        for s in series:
+            assert len([m for m in _rows(out / "manifest.csv") if m["series"] == s]) in (2, len(heads["volume"]))
+    assert total == len(rows)
+    by_series = {}
+    for r in rows:
+        by_series.setdefault(r["series_uid"], set()).add(shard_of("series:" + r["series_uid"], 4))
+    assert all(len(v) == 1 for v in by_series.values())
