@@ -91,6 +91,56 @@ def series(modality: str = "CT", body_part: str = "HEAD", seed: int = 0, **grid)
     return out, m
 
 
+def enhanced(datasets: list[Dataset], order=None) -> Dataset:
+    """The slices as one enhanced multi-frame file (frames in ``order``; positions in the
+    per-frame functional groups, orientation and spacing shared)."""
+    from pydicom.sequence import Sequence
+
+    order = list(range(len(datasets))) if order is None else list(order)
+    first = datasets[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1" if first.Modality == "MR" else "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for kw in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+               "Modality", "BodyPartExamined", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+               "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        if kw in first:
+            setattr(ds, kw, first.get(kw))
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(order)
+    shared = Dataset()
+    measures, orientation = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
+    if "RescaleIntercept" in first:
+        transform = Dataset()
+        transform.RescaleIntercept, transform.RescaleSlope = first.RescaleIntercept, first.RescaleSlope
+        transform.RescaleType = "HU"
+        shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for i in order:
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = datasets[i].ImagePositionPatient
+        item.PlanePositionSequence = Sequence([position])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = b"".join(datasets[i].PixelData for i in order)
+    return ds
+
+
+def frames_stack(ds: Dataset) -> np.ndarray:
+    """An enhanced file's stored values as (rows, cols, slices), slices in position order."""
+    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in ds.PerFrameFunctionalGroupsSequence]
+    arr = ds.pixel_array
+    return np.stack([arr[i] for i in np.argsort(z)], axis=-1)
+
+
 def write(datasets: list[Dataset], folder) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -107,4 +157,4 @@ def stack(datasets: list[Dataset]) -> np.ndarray:
     return np.stack([datasets[i].pixel_array for i in order], axis=-1)
 
 
-__all__ = ["parts", "series", "write", "stack", "pydicom"]
+__all__ = ["parts", "series", "enhanced", "frames_stack", "write", "stack", "pydicom"]

@@ -26,9 +26,12 @@ def _cut(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return (after == bg) & (before != bg)
 
 
-@pytest.mark.parametrize("modality", ["CT", "MR"])
-def test_face_removed_brain_kept(modality):
-    datasets, parts = headphantom.series(modality)
+@pytest.mark.parametrize("modality, grid", [
+    ("CT", {}), ("MR", {}),
+    ("CT", {"size": 112, "z": (-160.0, 110.0)}),  # taller than deep (head and neck, tight field of view)
+])
+def test_face_removed_brain_kept(modality, grid):
+    datasets, parts = headphantom.series(modality, **grid)
     before = headphantom.stack(datasets)
     removed = deface.deface(datasets, deface.options({"enabled": True, "modalities": [modality]}))
     after = headphantom.stack(datasets)
@@ -43,15 +46,53 @@ def test_face_removed_brain_kept(modality):
     assert all(ds.RecognizableVisualFeatures == "NO" for ds in datasets)
 
 
+def test_compressed_slices_are_decoded_and_written_uncompressed():
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+    datasets, parts = headphantom.series("CT")
+    before = headphantom.stack(datasets)
+    for ds in datasets:
+        ds.compress(RLELossless)
+    deface.deface(datasets, deface.options({"enabled": True, "modalities": ["CT"]}))
+    cut = _cut(before, headphantom.stack(datasets))
+    assert cut[parts["nose"]].mean() > 0.99 and cut[parts["brain"]].sum() == 0
+    # every slice lost voxels (the plane runs through the air in front of each): all re-encoded
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in datasets} == {ExplicitVRLittleEndian}
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_enhanced_multiframe_volume_is_defaced(modality):
+    datasets, parts = headphantom.series(modality)
+    rng = np.random.default_rng(5)
+    ds = headphantom.enhanced(datasets, order=rng.permutation(len(datasets)))  # frames in any order
+    before = headphantom.frames_stack(ds)
+    assert deface.slices([ds]) == len(datasets)
+    assert deface.rescale(ds) == ((1.0, -1024.0) if modality == "CT" else (1.0, 0.0))
+    deface.deface([ds], deface.options({"enabled": True, "modalities": [modality]}))
+    cut = _cut(before, headphantom.frames_stack(ds))
+    assert cut[parts["brain"]].sum() == 0
+    assert cut[parts["nose"]].mean() > 0.99 and cut[parts["face"]].mean() > 0.6
+    assert ds.RecognizableVisualFeatures == "NO"
+
+
 def test_slices_in_any_order_give_the_same_volume():
     datasets, _ = headphantom.series("CT", z=(-110.0, 100.0))
     shuffled = list(reversed(datasets))
     vol = deface.volume(shuffled)
     assert vol.data.shape == (128, 128, len(datasets))
-    assert vol.order == list(range(len(datasets)))[::-1]
+    assert vol.order == [(i, 0) for i in range(len(datasets))][::-1]
     # the affine maps voxel (0, 0, 0) to the first slice's position (LPS -> RAS)
     x, y, z = (float(v) for v in datasets[0].ImagePositionPatient)
     assert np.allclose(vol.affine @ [0, 0, 0, 1], [-x, -y, z, 1])
+
+
+def test_gantry_tilt_gives_a_sheared_volume():
+    datasets, _ = headphantom.series("CT", z=(-30.0, 30.0))
+    for k, ds in enumerate(datasets):  # each slice 0.5 mm further back: a tilted gantry
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * k, z]
+    vol = deface.volume(datasets)
+    assert np.allclose(vol.affine[:3, 2], [0.0, -0.5, 3.0])  # RAS: posterior is -A
 
 
 def test_no_brain_found_is_an_error_not_a_pass():
@@ -107,6 +148,10 @@ def heads(tmp_path_factory):
         ds.PatientID = "PHANTOM-0003"
     broken[5].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     headphantom.write(broken, src / "broken")
+    mr, _ = headphantom.series("MR", seed=4, body_part="BRAIN")
+    for ds in mr:
+        ds.PatientID = "PHANTOM-0004"
+    headphantom.write([headphantom.enhanced(mr)], src / "enhanced")
     ingest(src, root / "ingest")
     return {"root": root, "src": src, "parts": parts, "volume": volume}
 
@@ -119,10 +164,10 @@ def _rows(path):
 def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tmp_path):
     root = heads["root"]
     out = tmp_path / "anon"
-    opts = {"deface": {"enabled": True, "modalities": ["CT"]}}
+    opts = {"deface": {"enabled": True, "modalities": ["CT", "MR"]}}
     summary = anonymize(heads["src"], root / "ingest", out, KEY, opts)
     n_volume, n_broken = len(heads["volume"]), 21
-    assert summary["inputs"] == n_volume + 2 + n_broken
+    assert summary["inputs"] == n_volume + 2 + n_broken + 1
     assert summary["quarantined"] == n_broken
     quarantine = _rows(out / "quarantine.csv")
     assert {q["reason"] for q in quarantine} == {
@@ -137,7 +182,7 @@ def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tm
     for m in manifest:
         by_series.setdefault(m["series"], []).append(pydicom.dcmread(out / "data" / m["file"]))
     sizes = sorted(len(v) for v in by_series.values())
-    assert sizes == [2, n_volume]
+    assert sizes == [1, 2, n_volume]
     for datasets in by_series.values():
         codes = {str(i.CodeValue) for i in datasets[0].DeidentificationMethodCodeSequence}
         if len(datasets) == 2:  # two slices are not a volume: left as they are
@@ -146,6 +191,10 @@ def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tm
         assert "113102" in codes and "113100" in codes
         assert all(ds.RecognizableVisualFeatures == "NO" for ds in datasets)
         assert "113102" in str(datasets[0].DeidentificationMethod)
+        if len(datasets) == 1:  # the enhanced MR: one file of frames
+            assert int(datasets[0].NumberOfFrames) > 16
+            assert datasets[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+            continue
         after = headphantom.stack(datasets)
         cut = _cut(headphantom.stack(heads["volume"]), after)
         assert cut[heads["parts"]["nose"]].mean() > 0.99
@@ -160,12 +209,12 @@ def test_audit_fails_on_a_head_volume_left_with_its_face(heads, tmp_path):
     out = tmp_path / "anon"
     anonymize(heads["src"], root / "ingest", out, KEY, {})  # defacing off
     assert audit(out, root / "ingest", KEY)["passed"]
-    result = audit(out, root / "ingest", KEY, deface={"enabled": True, "modalities": ["CT"]})
+    result = audit(out, root / "ingest", KEY, deface={"enabled": True, "modalities": ["CT", "MR"]})
     assert not result["passed"]
     kinds = {f["kind"] for f in result["findings"]}
     assert kinds == {"head volume not defaced"}
-    # the volume's slices and the unstackable series' slices; not the two-slice series
-    assert len(result["findings"]) == len(heads["volume"]) + 21
+    # the volume's slices, the unstackable series' slices and the enhanced file; not the two-slice series
+    assert len(result["findings"]) == len(heads["volume"]) + 21 + 1
 
 
 def test_a_series_is_never_split_between_shards(heads, tmp_path):
@@ -179,9 +228,45 @@ def test_a_series_is_never_split_between_shards(heads, tmp_path):
         total += summary["inputs"]
         series = {m["series"] for m in _rows(out / "manifest.csv")}
         for s in series:
-            assert len([m for m in _rows(out / "manifest.csv") if m["series"] == s]) in (2, len(heads["volume"]))
+            assert len([m for m in _rows(out / "manifest.csv") if m["series"] == s]) in (1, 2, len(heads["volume"]))
     assert total == len(rows)
     by_series = {}
     for r in rows:
         by_series.setdefault(r["series_uid"], set()).add(shard_of("series:" + r["series_uid"], 4))
     assert all(len(v) == 1 for v in by_series.values())
+
+
+@pytest.mark.integration
+def test_snakemake_defaces_and_audits_a_head_project(root, tmp_path):
+    """The config schema, the rules and the audit gate: a project of head volumes through
+    Snakemake's anonymize shards and audit."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    work = tmp_path / "work"
+    src = work / "heads"
+    for n, modality in enumerate(["CT", "MR", "CT"]):
+        datasets, _ = headphantom.series(modality, seed=10 + n, size=96, pixel_mm=2.5, slice_mm=4.0)
+        for ds in datasets:
+            ds.PatientID = f"HEAD-{n:04d}"
+        headphantom.write(datasets, src / f"s{n}")
+    conf = yaml.safe_load((root / "config.yaml").read_text())
+    conf["projects"] = {"heads": {"source": str(src), "shards": 2,
+                                  "anonymize": {"deface": {"enabled": True, "modalities": ["CT", "MR"]}}}}
+    (work / "config.yaml").write_text(yaml.safe_dump(conf))
+    cmd = [sys.executable, "-m", "snakemake", "results/heads/anonymize/audit.json", "-s", str(root / "Snakefile"),
+           "--directory", str(work), "--configfile", str(work / "config.yaml"), "--cores", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    anon = work / "results" / "heads" / "anonymize"
+    import json
+
+    assert json.loads((anon / "audit.json").read_text())["passed"]
+    manifest = _rows(anon / "manifest.csv")
+    assert len(manifest) == sum(1 for _ in src.rglob("*.dcm")) and not _rows(anon / "quarantine.csv")
+    for m in manifest:
+        ds = pydicom.dcmread(anon / "data" / m["file"], stop_before_pixels=True)
+        assert ds.RecognizableVisualFeatures == "NO"
+        assert "113102" in {str(i.CodeValue) for i in ds.DeidentificationMethodCodeSequence}

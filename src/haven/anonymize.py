@@ -1157,18 +1157,19 @@ def _deface_series(data_dir: Path, manifest: list[dict], produced: dict[str, int
             groups.setdefault(m["series"], []).append(m["file"])
     failed: dict[str, str] = {}
     for series, files in sorted(groups.items()):
-        if len(files) < int(dopts["min_slices"]):
-            continue  # a few slices are not a volume a face can be rendered from
         try:
-            datasets = [pydicom.dcmread(data_dir / f) for f in files]
-            if not any(deface.applies(ds, dopts) for ds in datasets):
+            headers = [pydicom.dcmread(data_dir / f, stop_before_pixels=True) for f in files]
+            if deface.slices(headers) < int(dopts["min_slices"]):
+                continue  # a few slices are not a volume a face can be rendered from
+            if not any(deface.applies(ds, dopts) for ds in headers):
                 continue
+            datasets = [pydicom.dcmread(data_dir / f) for f in files]
             removed = deface.deface(datasets, dopts)
             for f, ds in zip(files, datasets):
                 _mark_defaced(ds)
                 _write_dicom(ds, data_dir / f, _Meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                                      str(ds.file_meta.TransferSyntaxUID)))
-            log.info("defaced a %d-slice %s volume: %d voxels removed", len(files),
+            log.info("defaced a %d-slice %s volume: %d voxels removed", deface.slices(headers),
                      datasets[0].get("Modality", ""), removed)
         except (deface.DefaceError, AnonymizeError) as e:
             failed.update({f: f"defacing: {e}" for f in files})

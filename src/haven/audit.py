@@ -773,14 +773,15 @@ def _check_defaced(data: Path, manifest: list[dict], deface_options: dict) -> li
             series.setdefault(row["series"], []).append(row["file"])
     findings = []
     for files in series.values():
-        if len(files) < int(opts["min_slices"]):
-            continue
+        headers = {}
         for f in files:
             try:
-                ds = pydicom.dcmread(data / f, stop_before_pixels=True)
+                headers[f] = pydicom.dcmread(data / f, stop_before_pixels=True)
             except Exception as e:
                 findings.append({"file": f, "where": "file", "kind": f"unreadable ({type(e).__name__})"})
-                continue
+        if deface.slices(headers.values()) < int(opts["min_slices"]):
+            continue
+        for f, ds in headers.items():
             if not deface.applies(ds, opts):
                 continue
             codes = {str(i.get("CodeValue", "")) for i in ds.get("DeidentificationMethodCodeSequence", [])}

@@ -79,6 +79,11 @@ def applies(ds, opts: dict) -> bool:
     return part in opts["body_parts"]
 
 
+def slices(datasets) -> int:
+    """Slices in a series: its single-frame files plus the frames of its multi-frame ones."""
+    return sum(max(1, int(ds.get("NumberOfFrames", 1) or 1)) for ds in datasets)
+
+
 # ---------------------------------------------------------------------------------------------
 # the volume
 
@@ -87,58 +92,105 @@ def applies(ds, opts: dict) -> bool:
 class Volume:
     data: np.ndarray  # (columns, rows, slices), stored values
     affine: np.ndarray  # voxel index (i, j, k) -> RAS millimetres
-    order: list[int]  # the input datasets' indices, slice by slice
+    order: list[tuple[int, int]]  # (dataset, frame) of each slice
+    pixels: list[np.ndarray]  # each dataset's stored values, as (frames, rows, columns)
+
+
+_NO_GEOMETRY = ("head volume without slice geometry (ImageOrientationPatient, ImagePositionPatient, "
+                "PixelSpacing, or their functional groups in a multi-frame file): it cannot be defaced")
+
+
+def _functional(ds, frame: int, sequence: str, attribute: str):
+    """An attribute of a multi-frame file's functional groups: per frame, else shared."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and len(items) > index:
+            macro = items[index].get(sequence)
+            if macro and attribute in macro[0]:
+                return macro[0].get(attribute)
+    return None
+
+
+def _frames(ds) -> list[tuple[np.ndarray, np.ndarray, list[float]]]:
+    """(orientation, position, pixel spacing) of each frame of a file."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    out = []
+    for f in range(frames):
+        if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+            iop = _functional(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient")
+            ipp = _functional(ds, f, "PlanePositionSequence", "ImagePositionPatient")
+            spacing = _functional(ds, f, "PixelMeasuresSequence", "PixelSpacing")
+        elif frames == 1:
+            iop, ipp, spacing = (ds.get(k) for k in ("ImageOrientationPatient", "ImagePositionPatient",
+                                                     "PixelSpacing"))
+        else:
+            raise DefaceError("multi-frame head volume without per-frame positions (no functional "
+                              "groups): it cannot be stacked; export the series as single-frame slices")
+        if iop is None or ipp is None or spacing is None:
+            raise DefaceError(_NO_GEOMETRY)
+        try:
+            g = (np.array([float(v) for v in iop]), np.array([float(v) for v in ipp]), [float(v) for v in spacing])
+        except Exception:
+            raise DefaceError(_NO_GEOMETRY) from None
+        if g[0].shape != (6,) or g[1].shape != (3,) or len(g[2]) != 2 or min(g[2]) <= 0:
+            raise DefaceError("head volume with malformed slice geometry: it cannot be defaced")
+        out.append(g)
+    return out
+
+
+def rescale(ds) -> tuple[float, float]:
+    """(slope, intercept) from stored values to the modality's units (HU for CT)."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None:
+        slope = _functional(ds, 0, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, 0, "PixelValueTransformationSequence", "RescaleIntercept")
+    return float(slope if slope not in (None, "") else 1), float(intercept if intercept not in (None, "") else 0)
 
 
 def volume(datasets: list) -> Volume:
-    """Stack single-frame slices of one series into a volume (raises :class:`DefaceError`)."""
-    geometry = []
-    for ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DefaceError("multi-frame head volume: defacing reads single-frame series only; convert "
-                              "the enhanced file to single frames (e.g. dcmtk's `dcm2img`/emf2sf) or "
-                              "disable anonymize.deface for this project")
+    """Stack the slices of one series (single-frame files, or the frames of multi-frame ones) into a
+    volume in patient geometry (raises :class:`DefaceError`)."""
+    geometry = []  # (dataset, frame, orientation, position, spacing, shape)
+    for d, ds in enumerate(datasets):
         try:
-            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
-            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
-            spacing = [float(v) for v in ds.PixelSpacing]
             shape = (int(ds.Rows), int(ds.Columns))
         except Exception:
-            raise DefaceError("head volume without slice geometry (ImageOrientationPatient, "
-                              "ImagePositionPatient, PixelSpacing): it cannot be defaced") from None
-        if iop.shape != (6,) or ipp.shape != (3,) or len(spacing) != 2 or min(spacing) <= 0:
-            raise DefaceError("head volume with malformed slice geometry: it cannot be defaced")
-        geometry.append((iop, ipp, spacing, shape))
-    iop0, _, spacing0, shape0 = geometry[0]
-    for iop, _, spacing, shape in geometry[1:]:
+            raise DefaceError(_NO_GEOMETRY) from None
+        for f, (iop, ipp, spacing) in enumerate(_frames(ds)):
+            geometry.append((d, f, iop, ipp, spacing, shape))
+    iop0, spacing0, shape0 = geometry[0][2], geometry[0][4], geometry[0][5]
+    for _, _, iop, _, spacing, shape in geometry[1:]:
         if shape != shape0 or not np.allclose(iop, iop0, atol=1e-3) or not np.allclose(spacing, spacing0, rtol=1e-3):
             raise DefaceError("series mixes slice orientations or sizes (a localizer among the slices?): "
                               "it cannot be stacked into one volume for defacing; move the odd slices "
                               "to a series of their own")
     row_dir, col_dir = iop0[:3], iop0[3:]
     normal = np.cross(row_dir, col_dir)
-    where = np.array([g[1] @ normal for g in geometry])
+    where = np.array([g[3] @ normal for g in geometry])
     order = [int(i) for i in np.argsort(where, kind="stable")]
     steps = np.diff(where[order])
     if len(steps) == 0 or np.any(steps < 1e-3):
         raise DefaceError("series holds several slices at one position (several volumes or echoes "
                           "in one series): it cannot be stacked into one volume for defacing")
     step = float(np.median(steps))
-    slices = []
-    for i in order:
-        arr = datasets[i].pixel_array
-        if arr.ndim != 2:
+    pixels = []
+    for ds in datasets:
+        arr = np.asarray(ds.pixel_array)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if arr.ndim != (2 if frames == 1 else 3) or arr.shape[-2:] != shape0:
             raise DefaceError("head volume with colour slices: it cannot be defaced")
-        slices.append(arr)
-    data = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
-    first = geometry[order[0]][1]
+        pixels.append(np.array(arr.reshape((frames,) + shape0), copy=True))
+    data = np.stack([pixels[geometry[i][0]][geometry[i][1]] for i in order], axis=-1).transpose(1, 0, 2)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing0[1]
     lps[:3, 1] = col_dir * spacing0[0]
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = first
+    # the step between slices, from the first to the last position: along the normal, or sheared
+    # for a gantry-tilted CT
+    span = geometry[order[-1]][3] - geometry[order[0]][3]
+    lps[:3, 2] = span / (len(order) - 1) if abs(span @ normal) > 0 else normal * step
+    lps[:3, 3] = geometry[order[0]][3]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return Volume(data, ras, order)
+    return Volume(data, ras, [(geometry[i][0], geometry[i][1]) for i in order], pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,15 +268,15 @@ def face_mask(vol: Volume, modality: str, slope: float, intercept: float, opts: 
                           f"{lo:.0f}-{hi:.0f}): it cannot be defaced confidently; check anonymize.deface "
                           f"(modalities, body_parts, brain_ml) or deface the series by hand")
     # Quickshear walks the plane over as many anterior-posterior columns as the grid has axial
-    # slices: pad above the head so that it reaches every column
-    pad = max(0, dims[1] - dims[2])
-    padded = np.zeros((dims[0], dims[1], dims[2] + pad), dtype=np.uint8)
-    padded[:, :, :dims[2]] = brain
+    # slices: pad (in front of the face or above the head) to a grid as deep as it is tall
+    side = max(dims[1], dims[2])
+    padded = np.zeros((dims[0], side, side), dtype=np.uint8)
+    padded[:, :dims[1], :dims[2]] = brain
     ones = nb.Nifti1Image(np.ones(padded.shape, dtype=np.uint8), affine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # its 2-D np.cross (NumPy 2)
         sheared = quickshear(ones, nb.Nifti1Image(padded, affine), buff=float(opts["buffer_mm"]) / mm)
-    keep = np.asanyarray(sheared.dataobj)[:, :, :dims[2]]
+    keep = np.asanyarray(sheared.dataobj)[:, :dims[1], :dims[2]]
     keep_native = resample_from_to(nb.Nifti1Image(keep.astype(np.uint8), affine), native, order=0, cval=1)
     return np.asanyarray(keep_native.dataobj) == 0
 
@@ -234,24 +286,27 @@ def deface(datasets: list, opts: dict) -> int:
     vol = volume(datasets)
     ds0 = datasets[0]
     modality = str(ds0.get("Modality", "") or "").strip().upper()
-    slope = float(ds0.get("RescaleSlope", 1) or 1)
-    intercept = float(ds0.get("RescaleIntercept", 0) or 0)
+    slope, intercept = rescale(ds0)
     remove = face_mask(vol, modality, slope, intercept, opts)
-    photometric = str(ds0.get("PhotometricInterpretation", "") or "").strip().upper()
+    photometric = str(ds0.get("PhotometricInterpretation", "") or "").strip().upper() or "MONOCHROME2"
     background = vol.data.max() if photometric == "MONOCHROME1" else vol.data.min()
-    removed = int(remove.sum())
-    for k, i in enumerate(vol.order):
-        ds = datasets[i]
-        arr = np.array(vol.data[:, :, k].T, copy=True)  # back to (rows, cols)
-        cut = remove[:, :, k].T
-        if cut.any():
-            arr[cut] = background
-            bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
-            try:
-                ds.set_pixel_data(np.ascontiguousarray(arr), photometric or "MONOCHROME2",
-                                  min(bits, arr.dtype.itemsize * 8), generate_instance_uid=False)
-            except NotImplementedError:
-                raise DefaceError("big-endian pixel data cannot be re-encoded after defacing: convert "
-                                  "the series to little endian first (e.g. dcmtk's `dcmconv +te`)") from None
+    touched = set()
+    for k, (d, f) in enumerate(vol.order):
+        cut = remove[:, :, k].T  # back to (rows, cols)
+        frame = vol.pixels[d][f]
+        if cut.any() and np.any(frame[cut] != background):
+            frame[cut] = background
+            touched.add(d)
+    for d in sorted(touched):
+        ds, arr = datasets[d], vol.pixels[d]
+        arr = arr if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[0]
+        bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
+        try:
+            ds.set_pixel_data(np.ascontiguousarray(arr), photometric, min(bits, arr.dtype.itemsize * 8),
+                              generate_instance_uid=False)
+        except NotImplementedError:
+            raise DefaceError("big-endian pixel data cannot be re-encoded after defacing: convert "
+                              "the series to little endian first (e.g. dcmtk's `dcmconv +te`)") from None
+    for ds in datasets:
         ds.RecognizableVisualFeatures = "NO"
-    return removed
+    return int(remove.sum())

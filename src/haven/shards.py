@@ -2,7 +2,8 @@
 
 A project's files are dealt into ``n`` shards by a keyed-free, stable hash of their path relative
 to the source folder (:func:`shard_of`), so every job knows its files without a shared list and
-the same file always lands in the same shard.  ``n`` is the project's ``shards`` setting, or
+the same file always lands in the same shard (anonymize hashes a DICOM file's series instead of its
+path, so a series stays in one job: ``haven.anonymize._shard_key``).  ``n`` is the project's ``shards`` setting, or
 ``ceil(files / files_per_shard)`` counted when the DAG is built (:func:`shard_count`); each shard
 job holds at most about ``files_per_shard`` files in memory, whatever the cohort's size.
 
