@@ -1151,10 +1151,7 @@ def _deface_series(data_dir: Path, manifest: list[dict], produced: dict[str, int
     """Deface the head volumes among this run's outputs (:mod:`haven.deface`), rewriting their
     files; returns ``{output: reason}`` for the files of series that could not be defaced."""
     dopts = opts["deface"]
-    groups: dict[str, list[str]] = {}
-    for m in manifest:
-        if m["kind"] == "dicom" and m["series"] and (m["modality"] or "").upper() in dopts["modalities"]:
-            groups.setdefault(m["series"], []).append(m["file"])
+    groups = deface.candidates(manifest, dopts)
     failed: dict[str, str] = {}
     for series, files in sorted(groups.items()):
         try:
@@ -1181,13 +1178,13 @@ def _deface_series(data_dir: Path, manifest: list[dict], produced: dict[str, int
 
 
 def _mark_defaced(ds) -> None:
-    """Record the Clean Recognizable Visual Features option in a defaced file."""
+    """Record the Clean Recognizable Visual Features option in a defaced file's method codes and text
+    (RecognizableVisualFeatures is set by :func:`haven.deface.deface`)."""
     codes = [(str(i.CodeValue), str(i.CodeMeaning)) for i in ds.get("DeidentificationMethodCodeSequence", [])]
     if deface.CODE not in codes:
         codes.append(deface.CODE)
     ds.DeidentificationMethodCodeSequence = _method_items(codes)
     ds.DeidentificationMethod = "haven basic profile; options: " + " ".join(c for c, _ in codes[1:])
-    ds.RecognizableVisualFeatures = "NO"
 
 
 def _rmdir_quiet(path: Path) -> None:

@@ -766,13 +766,8 @@ def _check_defaced(data: Path, manifest: list[dict], deface_options: dict) -> li
     from haven import deface
 
     opts = deface.options(deface_options)
-    series: dict[str, list[str]] = {}
-    for row in manifest:
-        if row.get("kind") == "dicom" and row.get("series") and \
-                (row.get("modality") or "").upper() in opts["modalities"]:
-            series.setdefault(row["series"], []).append(row["file"])
     findings = []
-    for files in series.values():
+    for files in deface.candidates(manifest, opts).values():
         headers = {}
         for f in files:
             try:

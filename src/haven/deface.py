@@ -79,6 +79,17 @@ def applies(ds, opts: dict) -> bool:
     return part in opts["body_parts"]
 
 
+def candidates(manifest, opts: dict) -> dict[str, list[str]]:
+    """The files of each series in an anonymize manifest that may be a head volume to deface (DICOM
+    of the defaced modalities); whether it is one is decided from the files (:func:`applies`, :func:`slices`)."""
+    series: dict[str, list[str]] = {}
+    for row in manifest:
+        if row.get("kind") == "dicom" and row.get("series") and \
+                (row.get("modality") or "").upper() in opts["modalities"]:
+            series.setdefault(row["series"], []).append(row["file"])
+    return series
+
+
 def slices(datasets) -> int:
     """Slices in a series: its single-frame files plus the frames of its multi-frame ones."""
     return sum(max(1, int(ds.get("NumberOfFrames", 1) or 1)) for ds in datasets)
