@@ -86,3 +86,12 @@ def experiment_name(config: dict, name: str) -> str:
 def digest(obj: Any) -> str:
     """A stable short hash of a JSON-able object (used as the config hash tag)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_defaults(given: dict | None, defaults: dict, section: str) -> dict:
+    """``defaults`` updated by ``given``; a key ``defaults`` lacks is an error naming ``section``."""
+    unknown = set(given or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {section} option(s): {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(defaults)})")
+    return {**defaults, **(given or {})}

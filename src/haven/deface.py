@@ -51,12 +51,9 @@ class DefaceError(Exception):
 
 
 def options(given: dict | None) -> dict:
-    opts = dict(DEFAULTS)
-    unknown = set(given or {}) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown anonymize.deface option(s): {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(DEFAULTS)})")
-    opts.update(given or {})
+    from haven.config import with_defaults
+
+    opts = with_defaults(given, DEFAULTS, "anonymize.deface")
     opts["modalities"] = [str(m).upper() for m in opts["modalities"]]
     opts["body_parts"] = [str(b).upper() for b in opts["body_parts"]]
     if opts["missing_body_part"] not in ("deface", "skip"):

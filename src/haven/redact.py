@@ -56,12 +56,9 @@ class PixelCleanError(Exception):
 
 
 def options(given: dict | None) -> dict:
-    opts = dict(DEFAULT_PIXEL_OPTIONS)
-    unknown = set(given or {}) - set(DEFAULT_PIXEL_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown anonymize.pixels option(s): {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(DEFAULT_PIXEL_OPTIONS)})")
-    opts.update(given or {})
+    from haven.config import with_defaults
+
+    opts = with_defaults(given, DEFAULT_PIXEL_OPTIONS, "anonymize.pixels")
     if opts["clean"] not in ("auto", "all", "off"):
         raise ValueError("anonymize.pixels.clean must be auto, all or off")
     for i, rect in enumerate(opts["rectangles"]):
