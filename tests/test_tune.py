@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -246,3 +247,6 @@ def test_killed_search_resumes_its_trials_from_their_checkpoints(tmp_path, pre):
     assert trials["resumed_after_epoch"].max() >= 1  # continued from a checkpoint, not from scratch
     history = pd.read_csv(out / "history.csv")
     assert sorted(history.groupby("trial_id")["training_iteration"].apply(list).tolist()) == [[1, 2, 3, 4]] * 2
+    # the killed attempt's scratch (kill -9 skips its clean-up) went when its trial resumed
+    scratch = Path(tempfile.gettempdir())
+    assert not [p for t in trials["trial_id"] for p in scratch.glob(f"haven-trial-{t}-*")]

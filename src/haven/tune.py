@@ -171,7 +171,11 @@ def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: i
     # copy everything in the trial folder into the storage as "artifacts"
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id() if ctx else None
-    workdir = Path(tempfile.mkdtemp(prefix=f"haven-trial-{trial_id or 'x'}-"))
+    scratch = Path(tempfile.gettempdir())
+    if trial_id:  # the scratch of an earlier attempt of this trial that was killed (kill -9, node loss)
+        for stale in scratch.glob(f"haven-trial-{trial_id}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"haven-trial-{trial_id or 'x'}-", dir=scratch))
     try:
         last = workdir / "checkpoints" / "last.pt"
         restored = tune.get_checkpoint()
@@ -180,6 +184,8 @@ def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: i
                 if (Path(d) / "last.pt").is_file():
                     last.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(Path(d) / "last.pt", last)
+                else:
+                    log.warning("trial %s: its checkpoint holds no last.pt; the trial starts over", trial_id)
         export = workdir / "tune-checkpoint"
 
         def report(metrics: dict) -> None:
@@ -192,7 +198,10 @@ def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: i
                 os.link(last, export / "last.pt")
             except OSError:
                 shutil.copyfile(last, export / "last.pt")
-            tune.report({**metrics, "reported_at": time.time()},
+            # training_iteration is the trainer's own epoch count, not Ray's count of reports
+            # (restored from the checkpoint's metrics; after a kill -9 it was once seen one ahead of
+            # the epochs the model had trained): ASHA's rungs and the tables count epochs trained
+            tune.report({**metrics, "training_iteration": int(metrics["epoch"]) + 1, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(str(export)))
 
         fit(Path(pre) / "train.zarr", Path(pre) / "val.zarr", model_cfg, train_cfg, workdir, seed=seed,
