@@ -370,6 +370,28 @@ def test_patient_id_is_keyed(corpus, tmp_path):
     assert rows[0]["file"] != corpus["manifest"][0]["file"]
 
 
+def test_demo_key_created_by_jobs_starting_at_once_is_one_whole_key(tmp_path):
+    """The anonymize shards of a demo start together and each creates the demo key if it is
+    missing: none may fail, all must read the same whole key, and it stays private (0600)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(20):
+        path = tmp_path / f"r{round_}" / ".secrets" / "demo.key"
+        start = threading.Barrier(8)
+
+        def job():
+            start.wait()
+            keys.create_key(path)
+            return keys.load_key(path)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = [f.result() for f in [pool.submit(job) for _ in range(8)]]
+        assert len(set(got)) == 1 and len(got[0]) == 64
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert [p.name for p in path.parent.iterdir()] == ["demo.key"]  # no private temporary left
+
+
 def test_output_names_contain_no_input_names(corpus):
     words = set()
     for row in corpus["rows"]:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 MIN_KEY_BYTES = 16
@@ -42,14 +43,34 @@ def load_key(key_file: str | os.PathLike | None = None, key_env: str | None = No
 
 
 def create_key(path: str | os.PathLike) -> Path:
-    """Write a new random key to ``path`` (mode 0600) unless one already exists."""
+    """Write a new random key to ``path`` (mode 0600) unless one already exists.
+
+    Safe when several jobs start at once (the anonymize shards of a demo): the key is written
+    whole under a private name and linked into place, so the first job's key wins, none fails,
+    and no job ever reads a half-written key.
+    """
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another job created it first: use that one
+            pass
+        except OSError:  # a file system without hard links: create it exclusively instead
+            try:
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+                    fh.write(Path(tmp).read_text())
+            except FileExistsError:
+                pass
+    finally:
+        os.unlink(tmp)
     return path
 
 
