@@ -300,7 +300,11 @@ def test_dicom_header_is_deidentified(corpus):
     assert ds.PatientID == pseudo and str(ds.PatientName) == pseudo
     assert ds.PatientIdentityRemoved == "YES"
     assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
-    assert "haven basic profile" in ds.DeidentificationMethod
+    # one value per profile and option (LO holds at most 64 characters a value), in code order
+    assert list(ds.DeidentificationMethod) == [
+        "haven: Basic Application Confidentiality Profile",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+        "Retain Patient Characteristics Option", "Retain Device Identity Option"]
     codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
     assert codes == {"113100", "113107", "113108", "113109"}
     assert all(item.CodingSchemeDesignator == "DCM" for item in ds.DeidentificationMethodCodeSequence)

@@ -593,7 +593,7 @@ def _options(options: dict | None) -> dict:
     return opts
 
 
-def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[str, list[tuple[str, str]]]:
+def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     codes = [CODE_BASIC]
     if pixels_cleaned:
         codes.append(redact.CODE_CLEAN_PIXELS)
@@ -609,8 +609,13 @@ def _method(opts: dict, pixels_cleaned: bool = False) -> tuple[str, list[tuple[s
         codes.append(CODE_RETAIN_UIDS)
     if opts.get("safe_private"):
         codes.append(CODE_SAFE_PRIVATE)
-    text = "haven basic profile; options: " + (" ".join(c for c, _ in codes[1:]) or "none")
-    return text, codes
+    return method_values(codes), codes
+
+
+def method_values(codes: list[tuple[str, str]]) -> list[str]:
+    """DeidentificationMethod (LO, 1-n, at most 64 characters a value): the profile, then one
+    value per option applied, each the meaning of its code in DeidentificationMethodCodeSequence."""
+    return [f"haven: {codes[0][1]}", *(meaning for _, meaning in codes[1:])]
 
 
 def _transfer_syntax(ds) -> str:
@@ -732,11 +737,11 @@ def _deidentify_dicom(src: Path, row: dict, key: bytes, opts: dict, uid_cache: d
     except Exception as e:
         raise AnonymizeError(f"de-identification failed ({type(e).__name__})") from None
 
-    text, codes = _method(opts, cleaned)
+    method, codes = _method(opts, cleaned)
     _put(ds, 0x00100020, "LO", [pseudonym])  # PatientID
     _put(ds, 0x00100010, "PN", [pseudonym])  # PatientName
     _put(ds, 0x00120062, "CS", ["YES"])  # PatientIdentityRemoved
-    _put(ds, 0x00120063, "LO", [text])  # DeidentificationMethod
+    _put(ds, 0x00120063, "LO", method)  # DeidentificationMethod
     implicit, little = ds.original_encoding
     if little and implicit is not None:
         ds._dict[_METHOD_CODES] = _method_codes(tuple(codes), implicit)
@@ -1184,7 +1189,7 @@ def _mark_defaced(ds) -> None:
     if deface.CODE not in codes:
         codes.append(deface.CODE)
     ds.DeidentificationMethodCodeSequence = _method_items(codes)
-    ds.DeidentificationMethod = "haven basic profile; options: " + " ".join(c for c, _ in codes[1:])
+    ds.DeidentificationMethod = method_values(codes)
 
 
 def _rmdir_quiet(path: Path) -> None:
