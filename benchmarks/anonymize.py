@@ -97,7 +97,7 @@ def run_bare(files, out: Path) -> None:
 
 
 def run_haven(files, out: Path, src: Path, ingest: Path) -> None:
-    from haven.anonymize import anonymize
+    from haven.deid.anonymize import anonymize
 
     anonymize(src, ingest, out, KEY)
 
@@ -148,7 +148,7 @@ def leaks(out: Path, ingest: Path, files: list[Path], name: str) -> tuple[int, i
     chance).  haven's output gets haven's own gate (which also knows its keyed date shifts)."""
     from collections import Counter
 
-    from haven.audit import Identifiers, _read_csv, _scan_tree, audit, load_identifiers
+    from haven.deid.audit import Identifiers, _read_csv, _scan_tree, audit, load_identifiers
 
     if name == "haven":
         result = audit(out, ingest, key=KEY)

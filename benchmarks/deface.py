@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import headphantom  # noqa: E402
 
-from haven import deface  # noqa: E402
+from haven.deid import deface  # noqa: E402
 
 
 def run(modality: str, pixel_mm: float, slice_mm: float, size: int, z: tuple[float, float]) -> dict:

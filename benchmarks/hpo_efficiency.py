@@ -75,7 +75,7 @@ class TargetReached:
 
 def prepare_data(results: Path, project: str, size: int, scratch: Path, conf: dict) -> Path:
     """The project's audited data, preprocessed at ``size`` px (reused when it exists)."""
-    from haven.preprocess import preprocess
+    from haven.learn.preprocess import preprocess
 
     pre_cfg = dict(conf["projects"][project]["preprocess"], size=size)
     own = results / project / "preprocess"
@@ -95,7 +95,7 @@ def prepare_data(results: Path, project: str, size: int, scratch: Path, conf: di
 def run_arm(pre: Path, storage: Path, conf: dict, project: str, args, scheduler: str, seed: int,
             stop_at_target: bool) -> dict:
     """One search; returns its cost figures and its trials."""
-    from haven.tune import allocated_cpus, run_search, trial_tables
+    from haven.learn.tune import allocated_cpus, run_search, trial_tables
 
     p = conf["projects"][project]
     train_cfg = dict(p["train"], freeze_epochs=args.freeze_epochs)

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args()
-    from haven.preprocess import preprocess
+    from haven.learn.preprocess import preprocess
 
     params = {"size": args.size, "mode": "ct", "windows": [{"center": 40, "width": 80}, {"center": 80, "width": 200},
               {"center": 600, "width": 2800}], "split": {"val": 0.15, "test": 0.2}, "chunk": 64}
@@ -58,7 +58,7 @@ def main() -> None:
         for f in (anon / "data").iterdir():
             f.read_bytes()
         bare = time.perf_counter() - t
-        from haven.preprocess import load_batch
+        from haven.learn.preprocess import load_batch
 
         rows = pd.read_csv(anon / "manifest.csv")
         sample = [str(anon / "data" / f) for f in rows["file"][:128]]

@@ -53,8 +53,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from haven.models import build_model
-    from haven.train import ZarrSplit, normalize
+    from haven.learn.models import build_model
+    from haven.learn.train import ZarrSplit, normalize
 
     dev = torch.device("cuda" if cuda else "cpu")
     model = build_model(args.model, 1000, weights=None).to(dev).to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ rule tune:
         mem_mb=8000,
         runtime=240,
         # Slurm geometry (a profile's set-resources wins): `gpus` GPUs and `cpus` CPUs per node;
-        # several nodes get one task each and Ray is started on every node (haven.tune)
+        # several nodes get one task each and Ray is started on every node (haven.learn.tune)
         nodes=lambda w: project(w)["tune"]["nodes"],
         tasks=lambda w: project(w)["tune"]["nodes"] if project(w)["tune"]["nodes"] > 1 else 0,
         gpu=lambda w: project(w)["tune"]["gpus"] * project(w)["tune"]["nodes"],

@@ -22,8 +22,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from haven import keys
-from haven.anonymize import age_band, anonymize, profile_size, strip_jpeg
-from haven.audit import audit, collect_identifiers
+from haven.deid.anonymize import age_band, anonymize, profile_size, strip_jpeg
+from haven.deid.audit import audit, collect_identifiers
 
 KEY = b"test-key-0123456789abcdef-haven!"
 OTHER_KEY = b"another-key-0123456789abcdef-xyz"
@@ -247,7 +247,7 @@ def _output_of(c: dict, rel_in: str) -> Path:
 
 
 def test_profile_table_is_large_and_well_formed():
-    from haven.anonymize import load_profile
+    from haven.deid.anonymize import load_profile
 
     table = load_profile()
     assert profile_size() >= 650
@@ -258,8 +258,8 @@ def test_profile_table_is_large_and_well_formed():
 def test_profile_table_holds_every_attribute_of_the_standard():
     """Against the 2026c edition of Table E.1-1 (dicom-anonymizer's machine-readable copy): every
     attribute present, with the action its compound code resolves to."""
-    from haven import ps315
-    from haven.anonymize import PROFILE_PATH, load_profile
+    from haven.deid import ps315
+    from haven.deid.anonymize import PROFILE_PATH, load_profile
 
     standard = ps315.standard_table()
     assert len(standard) >= 650
@@ -515,7 +515,7 @@ def test_clean_descriptors_and_retain_uids(corpus, tmp_path):
     assert audit(out, corpus["ingest"], clean_descriptors=True, retain_uids=True)["passed"]
     kinds = {f["kind"] for f in audit(out, corpus["ingest"])["findings"]}
     assert "SOPInstanceUID" in kinds  # a gate told nothing sees the kept UIDs as leaks
-    from haven.anonymize import scrub
+    from haven.deid.anonymize import scrub
 
     assert scrub("Seen 03/12/1970 MRN 99887766", None) == "Seen MRN"
 
@@ -578,7 +578,7 @@ def test_pydicom_test_corpus(tmp_path):
 def test_retain_safe_private(tmp_path):
     """Allow-listed private elements (and their creator) are kept as read; the rest of the block, and
     the same offset under another creator, are removed; the gate passes only when told."""
-    from haven.anonymize import safe_private_table
+    from haven.deid.anonymize import safe_private_table
     from haven.ingest import ingest
 
     ds = _dicom("PID-1001-XY", 0, 0)

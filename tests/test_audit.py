@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from haven import keys
-from haven.anonymize import anonymize, strip_jpeg
-from haven.audit import Identifiers, audit, audit_tree, collect_identifiers, write_audit_result
+from haven.deid.anonymize import anonymize, strip_jpeg
+from haven.deid.audit import Identifiers, audit, audit_tree, collect_identifiers, write_audit_result
 from test_anonymize import (INSTITUTION, KEPT_SEQ_NAME, KEY, PATIENTS, REFERRING, SEQ_NAME,
                             build_corpus)
 

@@ -172,7 +172,7 @@ def test_undecodable_audited_file_stops_preprocess_with_its_name(tmp_path):
 
 def test_uids_and_labels_cannot_steer_outputs_outside_the_results(tmp_path):
     """Output names come from keyed UIDs and pseudonyms, never from header values or labels."""
-    from haven.anonymize import anonymize
+    from haven.deid.anonymize import anonymize
     from haven.ingest import ingest
 
     src = tmp_path / "src"

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 
 import headphantom
-from haven import deface
-from haven.anonymize import anonymize
-from haven.audit import audit
+from haven.deid import deface
+from haven.deid.anonymize import anonymize
+from haven.deid.audit import audit
 from haven.ingest import ingest
 from haven.shards import shard_of
 

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from haven import anonymize as anon
-from haven import dicomraw
+from haven.deid import anonymize as anon
+from haven.deid import dicomraw
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 

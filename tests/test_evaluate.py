@@ -9,8 +9,8 @@ import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score)
 from torch import nn
 
-from haven import evaluate as ev
-from haven.evaluate import compute_metrics
+from haven.trust import evaluate as ev
+from haven.trust.evaluate import compute_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def make_tiny_project(root: Path, train_steps: int = 25) -> Path:
     """results/<project> with preprocess/{test,val}.zarr and train/model.pt of timm's tiny test_resnet
     trained briefly on the square task. Subgroups sex and site; age band is not carried. On the
     test split the men's images show no square: the model cannot see them (a subgroup it fails)."""
-    from haven.models import build_model
+    from haven.learn.models import build_model
 
     classes = ["left", "right"]
     pre = root / "preprocess"

@@ -1,4 +1,4 @@
-"""haven.models: offline weights, the efficientnet-lite0 package checkpoint, heads, freezing."""
+"""haven.learn.models: offline weights, the efficientnet-lite0 package checkpoint, heads, freezing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from haven import models as hm
+from haven.learn import models as hm
 
 PKG = "package:efficientnet_lite0"
 

@@ -7,7 +7,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from haven import preprocess as pp
+from haven.learn import preprocess as pp
 
 
 def _manifest(n_patients=30, per_patient=3, seed=0):

@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from haven import redact
-from haven.anonymize import anonymize
-from haven.audit import audit, audit_tree, collect_identifiers
+from haven.deid import redact
+from haven.deid.anonymize import anonymize
+from haven.deid.audit import audit, audit_tree, collect_identifiers
 from haven.ingest import ingest
 
 KEY = b"redact-test-key-0123456789abcdef"
@@ -198,7 +198,7 @@ def test_options_are_checked():
 
 
 def test_pixel_text_dates_match_dicom_dates():
-    from haven.audit import pixel_text_variants
+    from haven.deid.audit import pixel_text_variants
 
     text = pixel_text_variants("DOB: 08/29/1951  DOE,JOHN")
     assert "19510829" in text and "doe john" in text.lower()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from haven.report import EVALUATE_PLOTS, SECTIONS, browser_check, find_chromium, project_report
+from haven.report.page import EVALUATE_PLOTS, SECTIONS, browser_check, find_chromium, project_report
 from test_evaluate import tiny_evaluated
 
 SECRET_FOLDER = "Doe_Jane_19650412"  # an identifier in a quarantined path: must never reach the report

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from haven import demo, shards
-from haven.anonymize import anonymize
-from haven.audit import audit
+from haven.deid.anonymize import anonymize
+from haven.deid.audit import audit
 from haven.ingest import ingest
 
 KEY = b"k" * 32

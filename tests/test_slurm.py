@@ -376,7 +376,7 @@ def test_preprocess_with_dask_workers_as_slurm_jobs(slurm_cluster, tmp_path):
     import zarr
     from PIL import Image
 
-    from haven.preprocess import preprocess
+    from haven.learn.preprocess import preprocess
 
     anon = tmp_path / "anon"
     (anon / "data").mkdir(parents=True)

@@ -18,7 +18,7 @@ import yaml
 import zarr
 
 from haven import config as cfg
-from haven import tracking as trk
+from haven import track as trk
 
 
 def test_lineage_tags_name_code_config_data_rule_and_host(monkeypatch):
@@ -59,7 +59,7 @@ def _split(path, n, seed, size=16):
 def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
     """A project's results folder as the stages leave it: preprocess, train (+ MLflow run),
     evaluate (into the train run) and a report page."""
-    from haven.train import train
+    from haven.learn.train import train
 
     proj = results / name
     pre = proj / "preprocess"
@@ -78,7 +78,7 @@ def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
     # what the evaluate stage leaves: metrics.json, and the test metrics in the train run
     import mlflow
 
-    from haven.train import ZarrSplit, load_model, predict
+    from haven.learn.train import ZarrSplit, load_model, predict
 
     model, _ = load_model(proj / "train" / "model.pt")
     probs, y = predict(model, ZarrSplit(pre / "test.zarr"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from haven.train import ZarrSplit, fit, warmup_cosine
+from haven.learn.train import ZarrSplit, fit, warmup_cosine
 
 MODEL = {"backbone": "resnet18", "weights": None}
 TRAIN = {"epochs": 3, "freeze_epochs": 1, "unfreeze": "all", "batch_size": 16, "lr": 0.01,
@@ -79,7 +79,7 @@ def test_checkpoint_of_other_hyperparameters_is_not_resumed(data, tmp_path):
 
 
 def test_augment_is_per_sample_and_off_at_strength_zero():
-    from haven.train import augment
+    from haven.learn.train import augment
 
     x = torch.zeros(64, 1, 8, 8)
     x[..., :4] = 1.0  # left half bright
@@ -111,7 +111,7 @@ def test_data_parallel_ranks_share_the_epoch_and_stay_in_sync(data, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import hashlib, json, os, sys
         import torch
-        from haven.train import fit
+        from haven.learn.train import fit
         r = fit({str(train)!r}, {str(val)!r}, {MODEL!r}, {TRAIN!r}, {str(tmp_path / "work")!r}, seed=3)
         digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in r.model.state_dict().values())).hexdigest()
         rank = os.environ["RANK"]

@@ -18,7 +18,7 @@ import yaml
 import zarr
 
 from haven import config as cfg
-from haven import tune as T
+from haven.learn import tune as T
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _key(s: dict) -> bytes:
 
 
 def cmd_anonymize(args) -> int:
-    from haven.anonymize import anonymize
+    from haven.deid.anonymize import anonymize
     from haven.shards import parse_shard
 
     s = _settings(args)
@@ -115,7 +115,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from haven.audit import audit, write_audit_result
+    from haven.deid.audit import audit, write_audit_result
 
     anon = Path(args.anonymized)
     s = _settings(args) if (args.params or args.config) else {}
@@ -142,7 +142,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from haven.preprocess import preprocess
+    from haven.learn.preprocess import preprocess
 
     s = _settings(args)
     params = dict(s["preprocess"])
@@ -161,7 +161,7 @@ def _data_hash(pre: Path) -> str | None:
 def cmd_tune(args) -> int:
     import subprocess
 
-    from haven.tune import slurm_multinode_command, tune_project
+    from haven.learn.tune import slurm_multinode_command, tune_project
 
     s = _settings(args)
     _lineage(args, s)
@@ -182,7 +182,7 @@ def cmd_tune(args) -> int:
 def cmd_train(args) -> int:
     import yaml
 
-    from haven.train import train
+    from haven.learn.train import train
 
     s = _settings(args)
     nproc = _train_processes(args, s["train"])
@@ -220,13 +220,13 @@ def _train_processes(args, train_cfg: dict) -> int:
         return 1
     if isinstance(ddp, int):
         return ddp
-    from haven.tune import allocated_gpus
+    from haven.learn.tune import allocated_gpus
 
     return max(1, allocated_gpus())
 
 
 def cmd_evaluate(args) -> int:
-    from haven.evaluate import evaluate
+    from haven.trust.evaluate import evaluate
 
     s = _settings(args)
     _lineage(args, s)
@@ -238,7 +238,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from haven.report import project_report
+    from haven.report.page import project_report
 
     s = _settings(args)
     path = project_report(Path(args.results), Path(args.out), s)
@@ -247,7 +247,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from haven.tracking import register_model
+    from haven.track import register_model
 
     s = _settings(args)
     _lineage(args, s)
@@ -267,7 +267,7 @@ def cmd_register(args) -> int:
 
 def cmd_compare(args) -> int:
     from haven.io import atomic_write_text
-    from haven.tracking import compare, format_comparison
+    from haven.track import compare, format_comparison
 
     if args.params:
         s = json.loads(args.params)

@@ -174,7 +174,7 @@ def _read_native(fh):
     from pydicom.filereader import read_dataset
     from pydicom.tag import BaseTag
 
-    from haven.dicomraw import LONG_VRS
+    from haven.deid.dicomraw import LONG_VRS
 
     fh.seek(132)
     meta = {}

@@ -3,7 +3,7 @@
 A project's files are dealt into ``n`` shards by a keyed-free, stable hash of their path relative
 to the source folder (:func:`shard_of`), so every job knows its files without a shared list and
 the same file always lands in the same shard (anonymize hashes a DICOM file's series instead of its
-path, so a series stays in one job: ``haven.anonymize._shard_key``).  ``n`` is the project's ``shards`` setting, or
+path, so a series stays in one job: ``haven.deid.anonymize._shard_key``).  ``n`` is the project's ``shards`` setting, or
 ``ceil(files / files_per_shard)`` counted when the DAG is built (:func:`shard_count`); each shard
 job holds at most about ``files_per_shard`` files in memory, whatever the cohort's size.
 
@@ -158,7 +158,7 @@ def merge_anonymize(shard_dirs: list[Path], out_dir: Path) -> dict:
     """The anonymize shards' tables as ``out_dir/{manifest,anonymization.log,quarantine}.csv``,
     streamed.  A shard's files live in ``data/<shard>/``: its paths get that prefix; rows are
     ordered by the input's row in ``ingest/manifest.csv`` (each shard's tables already are)."""
-    from haven.anonymize import LOG_COLUMNS, MANIFEST_COLUMNS, QUARANTINE_COLUMNS
+    from haven.deid.anonymize import LOG_COLUMNS, MANIFEST_COLUMNS, QUARANTINE_COLUMNS
 
     shard_dirs, out_dir = [Path(d) for d in shard_dirs], Path(out_dir)
     for d in shard_dirs:

@@ -287,7 +287,7 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
     ``overrides`` (from the tuner's best config) replace keys of ``train_cfg`` and
     ``model_cfg["backbone"]``; ``report`` is called with the metrics of every epoch.
     """
-    from haven.models import backbone_and_head, build_model, freeze_bn_stats, set_backbone_trainable
+    from haven.learn.models import backbone_and_head, build_model, freeze_bn_stats, set_backbone_trainable
 
     hp = _hparams(train_cfg, overrides)
     backbone = (overrides or {}).get("backbone", model_cfg["backbone"])
@@ -445,7 +445,7 @@ def save_model(result: Result, path: str | Path, backbone: str, train_store: str
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    from haven.models import build_model
+    from haven.learn.models import build_model
 
     meta = torch.load(path, map_location=map_location, weights_only=False)
     model = build_model(meta["backbone"], len(meta["classes"]), weights=None, in_chans=meta["in_chans"])
@@ -492,7 +492,7 @@ def _log_run(tracking: dict, summary: dict, history, out: Path, pre: Path) -> st
     used (``mlflow.log_input``), lineage tags and the link to the tune run."""
     import mlflow
 
-    from haven import tracking as trk
+    from haven import track as trk
 
     tags = trk.lineage_tags("train", tracking["project"], tracking.get("config_hash"), tracking.get("data_hash"))
     if tracking.get("tune_run_id"):

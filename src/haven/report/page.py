@@ -443,7 +443,7 @@ def _log_card(s: dict, run: dict, card: Path) -> None:
         return
     import mlflow
 
-    from haven import tracking as trk
+    from haven import track as trk
 
     trk.setup(s["experiment"], s["results"], s.get("tracking_uri"))
     with mlflow.start_run(run_id=run["mlflow_run_id"]):

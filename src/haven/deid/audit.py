@@ -427,7 +427,7 @@ class PixelText:
     """Reads the burned-in text of DICOM files that may carry it (OCR), for the audit."""
 
     def __init__(self, modalities: Iterable[str] | None = None, enabled: bool = True):
-        from haven import redact
+        from haven.deid import redact
 
         self.modalities = {m.upper() for m in (modalities if modalities is not None
                                                  else redact.DEFAULT_PIXEL_OPTIONS["modalities"])}
@@ -436,13 +436,13 @@ class PixelText:
         self.not_read = 0
 
     def applies(self, ds) -> bool:
-        from haven import redact
+        from haven.deid import redact
 
         return redact.may_carry_text(ds, self.modalities)
 
     def text(self, ds) -> str | None:
         """The pixel text (None: not read: no OCR engine, or undecodable pixels)."""
-        from haven import redact
+        from haven.deid import redact
 
         if not self.enabled:
             self.not_read += 1
@@ -703,7 +703,7 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
     never carries the matched value.  ``key`` is optional: with it, a date that equals one of
     the patient's original dates *and* is the shifted image of another of them (a coincidence
     of the day shift) is not reported.  Files that may carry burned-in text (BurnedInAnnotation
-    YES or one of ``ocr_modalities``, default :data:`haven.redact.DEFAULT_PIXEL_OPTIONS`) have
+    YES or one of ``ocr_modalities``, default :data:`haven.deid.redact.DEFAULT_PIXEL_OPTIONS`) have
     their pixels read by OCR and the text matched too (``ocr=False`` or no OCR engine: counted in
     ``pixel_text_not_read``).  ``clean_descriptors``/``retain_uids``: the anonymize options of
     that name were on (the descriptions' whole values and the UIDs are then not searched);
@@ -723,12 +723,12 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
         shifts = {p: keys.day_shift(key, p, max_shift_days) for p in {e[0] for e in entries if e[0]}}
     retained = ()
     if clean_descriptors:
-        from haven.anonymize import CLEAN_DESCRIPTORS
+        from haven.deid.anonymize import CLEAN_DESCRIPTORS
 
         retained = CLEAN_DESCRIPTORS
     safe = ()
     if safe_private:
-        from haven.anonymize import safe_private_table
+        from haven.deid.anonymize import safe_private_table
 
         safe = {(g, o) for (g, _), offsets in safe_private_table(safe_private).items() for o in offsets}
     ids = Identifiers(entries, shifts, retained, retain_uids, safe)
@@ -763,7 +763,7 @@ def _check_defaced(data: Path, manifest: list[dict], deface_options: dict) -> li
     """A finding for every file of a head volume the project defaces that does not say so."""
     import pydicom
 
-    from haven import deface
+    from haven.deid import deface
 
     opts = deface.options(deface_options)
     findings = []

@@ -1,6 +1,6 @@
 """Tune: Ray Tune over the project's search space, ASHA early stopping, Optuna search.
 
-Each trial runs :func:`haven.train.fit` with the sampled hyperparameters and reports the
+Each trial runs :func:`haven.learn.train.fit` with the sampled hyperparameters and reports the
 validation metrics of every epoch with ``ray.tune.report``, together with a Tune checkpoint
 (the trainer's ``last.pt``), so that ASHA can stop weak trials early and an interrupted search
 resumes every unfinished trial from its last epoch (``Tuner.restore``).  The stage writes the
@@ -165,7 +165,7 @@ def slurm_multinode_command(argv: list[str], env: dict | None = None, port: int 
 def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: int, max_epochs: int) -> None:
     from ray import tune
 
-    from haven.train import fit
+    from haven.learn.train import fit
 
     # the trainer's own files (last.pt, best.pt) stay in node-local scratch: Ray would otherwise
     # copy everything in the trial folder into the storage as "artifacts"
@@ -268,7 +268,7 @@ def run_search(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict,
     """Run (or resume) the Ray Tune search; returns ``(ResultGrid, resumed)``."""
     from ray import tune
 
-    from haven.tracking import file_hash
+    from haven.track import file_hash
 
     pre = Path(preprocess_dir).resolve()
     out_dir = Path(out_dir).resolve()
@@ -451,7 +451,7 @@ def _log_search(tracking: dict, summary: dict, trials, history, out_dir: Path, p
     after the search, so trials never talk to the tracking store)."""
     import mlflow
 
-    from haven import tracking as trk
+    from haven import track as trk
 
     trk.setup(tracking["experiment"], tracking["results"], tracking.get("uri"))
     tags = trk.lineage_tags("tune", tracking["project"], tracking.get("config_hash"), tracking.get("data_hash"))

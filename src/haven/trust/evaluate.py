@@ -426,7 +426,7 @@ def subgroup_audit(y: np.ndarray, probs: np.ndarray, classes: list[str], attribu
 # interpretability
 def gradcam_layer(model, stage: int = -1):
     """The backbone stage Grad-CAM hooks (default the last one, the last conv block)."""
-    from haven.models import backbone_stages
+    from haven.learn.models import backbone_stages
 
     return backbone_stages(model)[stage]
 
@@ -819,7 +819,7 @@ def plot_robustness(rob: dict, path: Path, pixel_scale: float | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 # the stage
 def _module_name(model, layer) -> str:
-    from haven.models import unwrap
+    from haven.learn.models import unwrap
 
     name = next((n for n, m in unwrap(model).named_modules() if m is layer), type(layer).__name__)
     return f"{name} ({type(layer).__name__})"
@@ -844,7 +844,7 @@ def evaluate(model_path: str | Path, preprocess_dir: str | Path, out_dir: str | 
     config section (defaults from :data:`DEFAULTS`)."""
     import torch
 
-    from haven.train import ZarrSplit, load_model, normalize, predict
+    from haven.learn.train import ZarrSplit, load_model, normalize, predict
 
     s = with_defaults(settings)
     t0 = time.perf_counter()
@@ -1009,7 +1009,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 def _log(tracking: dict, metrics: dict, out: Path) -> None:
     import mlflow
 
-    from haven import tracking as trk
+    from haven import track as trk
 
     trk.setup(tracking["experiment"], tracking["results"], tracking.get("uri"))
     with mlflow.start_run(run_id=tracking["train_run_id"]):

@@ -186,7 +186,7 @@ def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
     import mlflow
     from mlflow import MlflowClient
 
-    from haven.train import load_model
+    from haven.learn.train import load_model
 
     project_dir = Path(project_dir)
     run_info = json.loads((project_dir / "train" / "run.json").read_text())
@@ -254,7 +254,7 @@ def _log_pytorch_model(model, meta: dict):
                   metadata={"classes": [str(c) for c in meta["classes"]], "in_chans": meta["in_chans"],
                             "size": meta["size"], "mean": meta["mean"], "std": meta["std"],
                             "backbone": meta["backbone"], "input": "images normalized with mean/std, NCHW float32",
-                            "code": "haven (haven.models), timm"},
+                            "code": "haven (haven.learn.models), timm"},
                   params={k: str(v) for k, v in (meta.get("hparams") or {}).items()})
     # pickled module (torch.export's "pt2" fixes the example's batch size): loading needs torch, timm
     # and haven installed, as the model card says

@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from haven import dicomraw
+from haven.deid import dicomraw
 
 DEFAULT_PIXEL_OPTIONS = {
     "clean": "auto",  # auto: BurnedInAnnotation=YES or a modality below; all; off

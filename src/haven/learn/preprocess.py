@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from haven.io import atomic_write_text
-from haven.tracking import file_hash
+from haven.track import file_hash
 
 log = logging.getLogger(__name__)
 
