@@ -11,7 +11,7 @@ rule anonymize_shard:
     params:
         source=lambda w: project(w)["source"],
         shards=lambda w: SHARDS[w.project],
-        settings=settings("anonymize", secrets=True),
+        settings=settings("anonymize"),
     resources:
         **CPU_SITE,
     log:
@@ -56,7 +56,7 @@ rule audit:
         report(P("anonymize/audit.json"), caption="../workflow/report/audit.rst", category="1. Data",
                labels={"project": "{project}", "artefact": "audit"}),
     params:
-        settings=settings("anonymize"),
+        settings=settings("audit"),
     resources:
         **CPU_SITE,
     log:

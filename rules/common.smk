@@ -2,7 +2,7 @@
 import json
 
 from haven.cluster import cpus_per_gpu, rule_resources, site_settings
-from haven.config import digest
+from haven.config import compare_settings, stage_settings
 from haven.shards import shard_count
 
 R = config["results"]
@@ -36,29 +36,10 @@ def shard_paths(path):
     return lambda w: expand(P(path), project=w.project, shard=range(SHARDS[w.project]))
 
 
-def settings(*sections, secrets=False):
-    """Rule params: the project's config sections a stage needs, as JSON for `--params`."""
-
-    def _settings(wildcards):
-        p = project(wildcards)
-        s = {k: p[k] for k in sections}
-        s["config_hash"] = digest(s)
-        s.update(
-            project=wildcards.project,
-            seed=config["seed"],
-            results=R,
-            tracking_uri=config["tracking_uri"],
-            experiment=p["experiment"] or f"haven-{wildcards.project}",
-        )
-        if secrets:  # where to find the key, never the key itself
-            s.update(
-                key_file=config["key_file"],
-                key_env=config["key_env"],
-                demo_key=config["demo_key"],
-            )
-        return json.dumps(s, sort_keys=True)
-
-    return _settings
+def settings(stage):
+    """Rule params: the stage's settings as JSON for `--params` (haven.config.stage_settings, the same
+    builder `haven <stage> --config FILE --project NAME` uses)."""
+    return lambda w: json.dumps(stage_settings(config, w.project, stage), sort_keys=True)
 
 
 def source_inputs(wildcards):

@@ -25,7 +25,7 @@ rule ingest_shard:
     params:
         source=lambda w: project(w)["source"],
         shards=lambda w: SHARDS[w.project],
-        settings=settings("labels", "label_key", "label_column"),
+        settings=settings("ingest"),
     resources:
         **CPU_SITE,
     log:
@@ -50,7 +50,7 @@ rule ingest:
         quarantine=P("ingest/quarantine.csv"),
     params:
         shards=shard_paths("ingest/shards/{shard}"),
-        settings=settings("labels", "label_key", "label_column"),
+        settings=settings("ingest"),
     localrule: True
     log:
         P("logs/ingest.log"),

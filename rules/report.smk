@@ -21,7 +21,7 @@ rule report:
         curves=report(P("report/training_curves.png"), caption="../workflow/report/training.rst",
                       category="2. Search", labels={"project": "{project}", "artefact": "training curves"}),
     params:
-        settings=settings("model", "train", "tune"),
+        settings=settings("report"),
         results=lambda w: f"{R}/{w.project}",
     resources:
         **CPU_SITE,

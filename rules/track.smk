@@ -9,10 +9,8 @@ rule register:
     output:
         P("track/registered.json"),
     params:
-        settings=settings("model"),
+        settings=settings("register"),
         results=lambda w: f"{R}/{w.project}",
-        prefix=config["registry_prefix"],
-        metric=config["best_metric"],
     resources:
         **CPU_SITE,
     log:
@@ -20,7 +18,7 @@ rule register:
     conda:
         "../envs/track.yaml"
     shell:
-        "haven register {params.results:q} {output:q} --prefix {params.prefix:q} --metric {params.metric:q} "
+        "haven register {params.results:q} {output:q} "
         "--rule register --params {params.settings:q} > {log:q} 2>&1"
 
 
@@ -32,16 +30,7 @@ rule compare:
     output:
         f"{R}/compare.csv",
     params:
-        settings=json.dumps(
-            {
-                "projects": {p: config["projects"][p]["experiment"] or f"haven-{p}" for p in PROJECTS},
-                "results": R,
-                "tracking_uri": config["tracking_uri"],
-                "best_metric": config["best_metric"],
-                "registry_prefix": config["registry_prefix"],
-            },
-            sort_keys=True,
-        ),
+        settings=json.dumps(compare_settings(config), sort_keys=True),
     resources:
         **CPU_SITE,
     log:

@@ -10,7 +10,7 @@ rule train:
         history=P("train/history.csv"),
         run=P("train/run.json"),
     params:
-        settings=settings("model", "train"),
+        settings=settings("train"),
     threads: lambda w: project(w)["train"]["threads"]
     resources:
         mem_mb=8000,

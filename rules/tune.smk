@@ -12,7 +12,7 @@ rule tune:
         plot=report(P("tune/search.png"), caption="../workflow/report/search.rst", category="2. Search",
                     labels={"project": "{project}", "artefact": "search"}),
     params:
-        settings=settings("model", "train", "tune"),
+        settings=settings("tune"),
     threads: lambda w: project(w)["tune"]["cpus"]
     resources:
         mem_mb=8000,

@@ -17,21 +17,19 @@ from pathlib import Path
 log = logging.getLogger("haven")
 
 
-def _settings(args) -> dict:
-    """The project's config sections for this stage: --params JSON, else --config/--project."""
+def _settings(args, stage: str | None = None) -> dict:
+    """The stage's settings: --params JSON (what the rules pass), else --config/--project through the
+    rules' own builder (haven.config.stage_settings), else the schema's defaults."""
+    from haven import config as cfg
+
+    stage = stage or args.command
     if getattr(args, "params", None):
         return json.loads(args.params)
-    if getattr(args, "config", None) and getattr(args, "project", None):
-        from haven import config as cfg
-
-        conf = cfg.load(args.config)
-        proj = cfg.project(conf, args.project)
-        return {**proj, "seed": conf["seed"], "results": conf["results"], "key_file": conf["key_file"],
-                "key_env": conf["key_env"], "tracking_uri": conf["tracking_uri"],
-                "experiment": cfg.experiment_name(conf, args.project), "project": args.project,
-                "config_hash": cfg.digest(proj), "registry_prefix": conf.get("registry_prefix", "haven-"),
-                "best_metric": conf.get("best_metric", "test_balanced_accuracy")}
-    raise SystemExit("give the stage settings with --params JSON or --config FILE --project NAME")
+    if getattr(args, "config", None):
+        if not getattr(args, "project", None):
+            raise cfg.ConfigError(f"--config needs --project NAME for haven {args.command}")
+        return cfg.stage_settings(cfg.load(args.config), args.project, stage)
+    return cfg.default_settings(stage, getattr(args, "source", "."))
 
 
 def _tracking(s: dict, **extra) -> dict | None:
@@ -73,9 +71,9 @@ def cmd_ingest(args) -> int:
     from haven.ingest import ingest
     from haven.shards import parse_shard
 
-    s = _settings(args) if (args.params or args.config) else {}
-    summary = ingest(Path(args.source), Path(args.out), labels=Path(s["labels"]) if s.get("labels") else None,
-                     label_key=s.get("label_key"), label_column=s.get("label_column", "label"),
+    s = _settings(args)
+    summary = ingest(Path(args.source), Path(args.out), labels=Path(s["labels"]) if s["labels"] else None,
+                     label_key=s["label_key"], label_column=s["label_column"],
                      shard=parse_shard(args.shard))
     print(json.dumps(summary))
     return 0
@@ -105,9 +103,9 @@ def cmd_merge(args) -> int:
 
     dirs, out = [Path(d) for d in args.shards], Path(args.out)
     if args.stage == "ingest":
-        s = _settings(args) if (args.params or args.config) else {}
-        summary = shards.merge_ingest(dirs, out, labels=Path(s["labels"]) if s.get("labels") else None,
-                                      label_key=s.get("label_key"), label_column=s.get("label_column", "label"))
+        s = _settings(args, "ingest")
+        summary = shards.merge_ingest(dirs, out, labels=Path(s["labels"]) if s["labels"] else None,
+                                      label_key=s["label_key"], label_column=s["label_column"])
     else:
         summary = shards.merge_anonymize(dirs, out)
     print(json.dumps(summary))
@@ -118,8 +116,8 @@ def cmd_audit(args) -> int:
     from haven.deid.audit import audit, write_audit_result
 
     anon = Path(args.anonymized)
-    s = _settings(args) if (args.params or args.config) else {}
-    options = s.get("anonymize") or {}
+    s = _settings(args)
+    options = s["anonymize"]
     pixels = options.get("pixels") or {}
     result = audit(anon, Path(args.ingest), ocr_modalities=pixels.get("modalities"),
                    ocr=pixels.get("clean", "auto") != "off",
@@ -148,7 +146,7 @@ def cmd_preprocess(args) -> int:
     params = dict(s["preprocess"])
     if args.workers:  # the rule passes its threads: the CPUs the (Slurm) job was given
         params["workers"] = args.workers
-    stats = preprocess(Path(args.anonymized), Path(args.out), params, seed=s.get("seed", 42))
+    stats = preprocess(Path(args.anonymized), Path(args.out), params, seed=s["seed"])
     print(json.dumps(stats["samples"]))
     return 0
 
@@ -172,7 +170,7 @@ def cmd_tune(args) -> int:
             log.info("multi-node Slurm job: %s", " ".join(multi))
             return subprocess.run(multi).returncode
     pre = Path(args.preprocessed)
-    summary = tune_project(pre, Path(args.out), s["model"], s["train"], s["tune"], seed=s.get("seed", 42),
+    summary = tune_project(pre, Path(args.out), s["model"], s["train"], s["tune"], seed=s["seed"],
                            tracking=_tracking(s, data_hash=_data_hash(pre)), cpus=args.cpus,
                            ray_address=args.ray_address, fresh=args.fresh)
     print(json.dumps({k: summary[k] for k in ("config", "metric", "value", "trials", "trial_epochs")}, default=str))
@@ -205,7 +203,7 @@ def cmd_train(args) -> int:
     if args.best_config:
         tune_run = (yaml.safe_load(Path(args.best_config).read_text()) or {}).get("mlflow_run_id")
     summary = train(pre, Path(args.out), s["model"], s["train"], best_config=args.best_config,
-                    seed=s.get("seed", 42), tracking=_tracking(s, data_hash=_data_hash(pre), tune_run_id=tune_run))
+                    seed=s["seed"], tracking=_tracking(s, data_hash=_data_hash(pre), tune_run_id=tune_run))
     if summary:  # rank 0 (the others return nothing)
         print(json.dumps({k: summary[k] for k in ("best_epoch", "best_val_balanced_accuracy", "epochs_run")}))
     return 0
@@ -232,7 +230,7 @@ def cmd_evaluate(args) -> int:
     _lineage(args, s)
     run = json.loads(Path(args.run).read_text()).get("mlflow_run_id") if args.run else None
     metrics = evaluate(Path(args.model), Path(args.preprocessed), Path(args.out), tracking=_tracking(s, train_run_id=run),
-                       settings=s.get("evaluate"), seed=s.get("seed", 42))
+                       settings=s.get("evaluate"), seed=s["seed"])
     print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "roc_auc")}))
     return 0
 
@@ -254,8 +252,8 @@ def cmd_register(args) -> int:
     tracking = _tracking(s)
     if tracking is None:
         raise ValueError("register needs the project's tracking settings (project, experiment, results)")
-    prefix = args.prefix if args.prefix is not None else s.get("registry_prefix", "haven-")
-    metric = args.metric or s.get("best_metric", "test_balanced_accuracy")
+    prefix = args.prefix if args.prefix is not None else s["registry_prefix"]
+    metric = args.metric or s["best_metric"]
     info = register_model(Path(args.results), tracking, f"{prefix}{s['project']}", metric=metric)
     out = Path(args.out)
     from haven.io import atomic_write_text
@@ -269,19 +267,16 @@ def cmd_compare(args) -> int:
     from haven.io import atomic_write_text
     from haven.track import compare, format_comparison
 
+    from haven import config as cfg
+
     if args.params:
         s = json.loads(args.params)
     elif args.config:
-        from haven import config as cfg
-
-        conf = cfg.load(args.config)
-        s = {"projects": {p: cfg.experiment_name(conf, p) for p in conf["projects"]}, "results": conf["results"],
-             "tracking_uri": conf["tracking_uri"], "best_metric": conf["best_metric"],
-             "registry_prefix": conf["registry_prefix"]}
+        s = cfg.compare_settings(cfg.load(args.config))
     else:
         raise SystemExit("give the projects with --params JSON or --config FILE")
-    df = compare(s["projects"], s["results"], s.get("tracking_uri"),
-                 metric=s.get("best_metric", "test_balanced_accuracy"), registry_prefix=s.get("registry_prefix", "haven-"))
+    df = compare(s["projects"], s["results"], s["tracking_uri"], metric=s["best_metric"],
+                 registry_prefix=s["registry_prefix"])
     out = Path(args.out) if args.out else Path(s["results"]) / "compare.csv"
     atomic_write_text(out, df.to_csv(index=False))
     print(format_comparison(df))

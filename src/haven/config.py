@@ -80,7 +80,54 @@ def project(config: dict, name: str) -> dict:
 
 
 def experiment_name(config: dict, name: str) -> str:
-    return project(config, name).get("experiment") or f"haven-{name}"
+    return project(config, name)["experiment"] or f"haven-{name}"
+
+
+# The project's config sections each stage reads (its rule and `haven <stage> --config` alike);
+# their digest is the stage's ``config_hash`` lineage tag.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("labels", "label_key", "label_column"),
+    "anonymize": ("anonymize",),
+    "audit": ("anonymize",),
+    "preprocess": ("preprocess",),
+    "tune": ("model", "train", "tune"),
+    "train": ("model", "train"),
+    "evaluate": ("evaluate",),
+    "report": ("model", "train", "tune"),
+    "register": ("model",),
+}
+# Stages that need to find the pseudonymization key: they get where it is, never the key itself.
+KEY_STAGES = ("anonymize",)
+# Top-level keys a stage needs beside its sections (not part of its config hash).
+STAGE_GLOBALS: dict[str, tuple[str, ...]] = {"register": ("registry_prefix", "best_metric")}
+
+
+def stage_settings(config: dict, name: str, stage: str) -> dict:
+    """The settings one stage of project ``name`` receives: the rules' ``--params`` and the CLI's
+    ``--config/--project`` both come from here, so a stage sees the same values (and the same
+    ``config_hash``) however it is run.  ``config`` must be validated (defaults filled in)."""
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGE_SECTIONS)})")
+    proj = project(config, name)
+    s = {k: copy.deepcopy(proj[k]) for k in STAGE_SECTIONS[stage]}
+    s["config_hash"] = digest(s)
+    s.update(project=name, seed=config["seed"], results=config["results"], tracking_uri=config["tracking_uri"],
+             experiment=experiment_name(config, name))
+    s.update({k: config[k] for k in STAGE_GLOBALS.get(stage, ())})
+    if stage in KEY_STAGES:
+        s.update(key_file=config["key_file"], key_env=config["key_env"], demo_key=config["demo_key"])
+    return s
+
+
+def default_settings(stage: str, source: str = ".") -> dict:
+    """A stage's settings from the schema's defaults alone (a stage run by hand without a config)."""
+    return stage_settings(validate({"projects": {"adhoc": {"source": str(source)}}}, "defaults"), "adhoc", stage)
+
+
+def compare_settings(config: dict) -> dict:
+    """What `haven compare` (and rule compare) needs: every project's experiment and the registry."""
+    return {"projects": {p: experiment_name(config, p) for p in config["projects"]},
+            **{k: config[k] for k in ("results", "tracking_uri", "best_metric", "registry_prefix")}}
 
 
 def digest(obj: Any) -> str:
