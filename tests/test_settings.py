@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from haven import cli
+from haven.cli import common as cli_common
 from haven import config as cfg
 
 # `haven <command> [<stage>] ... --params '<json>'` as `snakemake -n -p` prints it
@@ -39,7 +39,7 @@ def rule_settings(root, tmp_path_factory):
 
 def _by_hand(root, command: str, project: str | None) -> dict:
     args = argparse.Namespace(command=command, params=None, config=str(root / "config.yaml"), project=project)
-    return cli._settings(args)
+    return cli_common.settings(args)
 
 
 def test_every_stage_of_both_demo_projects_gets_the_same_settings_by_hand(root, rule_settings):

@@ -8,6 +8,7 @@ so a stage run by hand sees the same values as a stage run by the workflow.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -89,11 +90,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("labels", "label_key", "label_column"),
     "anonymize": ("anonymize",),
     "audit": ("anonymize",),
-    "preprocess": ("preprocess",),
-    "tune": ("model", "train", "tune"),
-    "train": ("model", "train"),
-    "evaluate": ("evaluate",),
-    "report": ("model", "train", "tune"),
+    "preprocess": ("task", "preprocess"),
+    "tune": ("task", "model", "train", "tune"),
+    "train": ("task", "model", "train"),
+    "evaluate": ("task", "evaluate"),
+    "report": ("task", "model", "train", "tune"),
     "register": ("model",),
 }
 # Stages that need to find the pseudonymization key: they get where it is, never the key itself.
@@ -122,6 +123,21 @@ def stage_settings(config: dict, name: str, stage: str) -> dict:
 def default_settings(stage: str, source: str = ".") -> dict:
     """A stage's settings from the schema's defaults alone (a stage run by hand without a config)."""
     return stage_settings(validate({"projects": {"adhoc": {"source": str(source)}}}, "defaults"), "adhoc", stage)
+
+
+def section_defaults(*path: str) -> dict:
+    """A project section's defaults as the schema gives them (``section_defaults("anonymize", "pixels")``):
+    for code called without a validated config (tests, notebooks), never a second copy in Python."""
+    value = default_settings_project()
+    for key in path:
+        value = value[key]
+    return copy.deepcopy(value)
+
+
+@functools.lru_cache(maxsize=1)
+def default_settings_project() -> dict:
+    """A project made of the schema's defaults alone (cached: callers get deep copies)."""
+    return validate({"projects": {"adhoc": {"source": "."}}}, "defaults")["projects"]["adhoc"]
 
 
 def compare_settings(config: dict) -> dict:

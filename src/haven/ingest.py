@@ -24,6 +24,7 @@ import re
 import warnings
 from pathlib import Path, PurePosixPath
 
+from haven.deid.profile import FREE_TEXT_KEYWORDS, IDENTIFYING_KEYWORDS
 from haven.io import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -36,29 +37,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 LABEL_KEYS = ("accession", "patient_id", "path")
 NOT_SUPPORTED = "not DICOM or a supported image (png, jpg, jpeg, tif, tiff, bmp)"
 
-# identifying tags whose VR alone does not give them away (LO/SH/CS/IS/...)
-IDENTIFYING_KEYWORDS = {
-    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber", "PatientBirthDate",
-    "PatientBirthTime", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
-    "MedicalRecordLocator", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "StationName", "DeviceSerialNumber", "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID",
-    "PerformedProcedureStepID", "AdmissionID", "ServiceEpisodeID", "FillerOrderNumberImagingServiceRequest",
-    "PlacerOrderNumberImagingServiceRequest", "PatientInsurancePlanCodeSequence", "MilitaryRank",
-    "BranchOfService", "RegionOfResidence", "CountryOfResidence", "PatientReligiousPreference",
-    "ResponsibleOrganization", "ResponsiblePerson", "DetectorID", "GantryID", "PlateID", "CassetteID",
-    "DeviceUID", "IssuerOfAdmissionIDSequence", "ConsultingPhysicianName", "PersonName",
-    "ContentCreatorName", "VerifyingObserverName", "ReviewerName",
-}
-# free text that may carry names (LT/ST/UT are taken whatever their tag)
-FREE_TEXT_KEYWORDS = {
-    "StudyDescription", "SeriesDescription", "ImageComments", "AdditionalPatientHistory",
-    "PatientComments", "RequestedProcedureDescription", "PerformedProcedureStepDescription",
-    "ScheduledProcedureStepDescription", "ReasonForStudy", "ReasonForTheRequestedProcedure",
-    "RequestedContrastAgent", "ProtocolName", "AcquisitionComments", "DerivationDescription",
-    "InterpretationText", "TextValue", "ContrastBolusAgent", "AdmittingDiagnosesDescription",
-    "Occupation", "MedicalAlerts", "Allergies", "ImagingServiceRequestComments",
-    "RequestedProcedureComments", "VisitComments", "DisplayName",
-}
 STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
               "UI", "UR", "UT"}
 TEXT_VRS = {"LT", "ST", "UT", "UC"}

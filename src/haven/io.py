@@ -47,3 +47,21 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def read_rows(path: str | os.PathLike):
+    """The rows of a CSV file as dicts, streamed."""
+    with open(path, newline="") as fh:
+        yield from csv.DictReader(fh)
+
+
+def write_rows(path: str | os.PathLike, columns: list[str], rows) -> int:
+    """Stream rows into ``path`` atomically; returns the count."""
+    n = 0
+    with atomic_open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+            n += 1
+    return n

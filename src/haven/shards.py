@@ -13,14 +13,13 @@ stage's usual outputs, in a fixed order, so the result does not depend on how ma
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import heapq
 import math
 import os
 from pathlib import Path
 
-from haven.io import atomic_open, atomic_write_text, csv_text
+from haven.io import atomic_write_text, csv_text, read_rows, write_rows
 
 
 def shard_of(rel_path: str, n: int) -> int:
@@ -71,23 +70,6 @@ def shard_count(project: dict) -> int:
 # merging the shards' tables
 
 
-def _rows(path: Path):
-    with open(path, newline="") as fh:
-        yield from csv.DictReader(fh)
-
-
-def _write_rows(path: Path, columns: list[str], rows) -> int:
-    """Stream rows into ``path`` atomically; returns the count."""
-    n = 0
-    with atomic_open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-            n += 1
-    return n
-
-
 def merge_ingest(shard_dirs: list[Path], out_dir: Path, labels: Path | None = None, label_key: str | None = None,
                  label_column: str = "label") -> dict:
     """The ingest shards' manifests, identifiers and quarantine lists as one of each, sorted by
@@ -105,7 +87,7 @@ def merge_ingest(shard_dirs: list[Path], out_dir: Path, labels: Path | None = No
     seen: dict[str, str] = {}
 
     def accepted():
-        merged = heapq.merge(*(_rows(d / "manifest.csv") for d in shard_dirs), key=lambda r: r["path"])
+        merged = heapq.merge(*(read_rows(d / "manifest.csv") for d in shard_dirs), key=lambda r: r["path"])
         for row in merged:
             sop = row.get("sop_uid", "")
             if sop and sop in seen:
@@ -130,15 +112,15 @@ def merge_ingest(shard_dirs: list[Path], out_dir: Path, labels: Path | None = No
                 used_keys.add(_norm_rel(row["path"]) if key_field == "path" else row[key_field])
             yield row
 
-    n = _write_rows(out_dir / "manifest.csv", MANIFEST_COLUMNS, tracked())
+    n = write_rows(out_dir / "manifest.csv", MANIFEST_COLUMNS, tracked())
     dropped = {r["path"] for r in late}
 
     def identifiers():
         for d in shard_dirs:
-            yield from _rows(d / "identifiers.csv")
+            yield from read_rows(d / "identifiers.csv")
 
-    _write_rows(out_dir / "identifiers.csv", IDENTIFIER_COLUMNS, identifiers())
-    quarantine = sorted([*(r for d in shard_dirs for r in _rows(d / "quarantine.csv")), *late],
+    write_rows(out_dir / "identifiers.csv", IDENTIFIER_COLUMNS, identifiers())
+    quarantine = sorted([*(r for d in shard_dirs for r in read_rows(d / "quarantine.csv")), *late],
                         key=lambda r: r["path"])
     atomic_write_text(out_dir / "quarantine.csv", csv_text(QUARANTINE_COLUMNS, quarantine))
     summary = {"shards": len(shard_dirs), "accepted": n, "quarantined": len(quarantine),
@@ -170,21 +152,21 @@ def merge_anonymize(shard_dirs: list[Path], out_dir: Path) -> dict:
         return int(row["input_index"])
 
     def logs(d: Path):
-        for row in _rows(d / "anonymization.log.csv"):
+        for row in read_rows(d / "anonymization.log.csv"):
             if row["output"]:
                 row["output"] = f"{d.name}/{row['output']}"
             yield row
 
     def manifest(d: Path):
         # the shard's manifest lists its anonymized inputs in the order of its log
-        done = (index(r) for r in _rows(d / "anonymization.log.csv") if r["status"] == "anonymized")
-        for at, row in zip(done, _rows(d / "manifest.csv")):
+        done = (index(r) for r in read_rows(d / "anonymization.log.csv") if r["status"] == "anonymized")
+        for at, row in zip(done, read_rows(d / "manifest.csv")):
             yield at, {**row, "file": f"{d.name}/{row['file']}"}
 
-    n = _write_rows(out_dir / "manifest.csv", MANIFEST_COLUMNS,
+    n = write_rows(out_dir / "manifest.csv", MANIFEST_COLUMNS,
                     (row for _, row in heapq.merge(*(manifest(d) for d in shard_dirs), key=lambda t: t[0])))
-    _write_rows(out_dir / "anonymization.log.csv", LOG_COLUMNS,
+    write_rows(out_dir / "anonymization.log.csv", LOG_COLUMNS,
                 heapq.merge(*(logs(d) for d in shard_dirs), key=index))
-    q = _write_rows(out_dir / "quarantine.csv", QUARANTINE_COLUMNS,
-                    heapq.merge(*(_rows(d / "quarantine.csv") for d in shard_dirs), key=index))
+    q = write_rows(out_dir / "quarantine.csv", QUARANTINE_COLUMNS,
+                    heapq.merge(*(read_rows(d / "quarantine.csv") for d in shard_dirs), key=index))
     return {"shards": len(shard_dirs), "anonymized": n, "quarantined": q}

@@ -64,7 +64,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from haven import keys
 from haven.deid import deface, dicomraw, redact
-from haven.deid.audit import STANDARD_SCHEMES
+from haven.deid.profile import (
+    BIRTH_DATES, CLEAN_DESCRIPTORS, CODE_BASIC, CODE_CLEAN_DESCRIPTORS, CODE_DEVICE_IDENTITY, CODE_MODIFIED_DATES,
+    CODE_PATIENT_CHARACTERISTICS, CODE_RETAIN_UIDS, CODE_SAFE_PRIVATE, DEVICE_IDENTITY, IDENTIFYING_KEYWORDS,
+    PATIENT_CHARACTERISTICS, STANDARD_SCHEMES, safe_private_table,
+)
 from haven.io import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -94,46 +98,6 @@ DUMMY_TEXT = "ANONYMIZED"
 TMP_PREFIX = ".tmp-"
 
 # CID 7050 De-identification Method codes (DCM)
-CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
-CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
-CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
-CODE_DEVICE_IDENTITY = ("113109", "Retain Device Identity Option")
-CODE_CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
-CODE_RETAIN_UIDS = ("113110", "Retain UIDs Option")
-CODE_SAFE_PRIVATE = ("113111", "Retain Safe Private Option")
-
-# Descriptions kept under Clean Descriptors, with every identifying value of their file (names,
-# ids, dates in any common spelling, institution, long numbers) cut out of them.  Patient-level
-# free text (history, comments, allergies, ...) stays removed even then.
-CLEAN_DESCRIPTORS = (
-    "StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
-    "RequestedProcedureDescription", "ScheduledProcedureStepDescription", "ImageComments",
-    "AcquisitionComments", "DerivationDescription", "FrameComments", "ContrastBolusAgent",
-    "BodyPartExamined",
-)
-
-# Attributes that Table E.1-1 marks K under Retain Patient Characteristics.
-PATIENT_CHARACTERISTICS = (
-    "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup", "PatientSexNeutered",
-    "PregnancyStatus", "SmokingStatus",
-)
-# Attributes that Table E.1-1 marks K under Retain Device Identity (+ StationAETitle).  haven
-# keeps them as keyed tokens (strings), keyed UIDs (UI) or removes them (sequences).
-DEVICE_IDENTITY = (
-    "CassetteID", "DetectorID", "DeviceDescription", "DeviceLabel", "DeviceSerialNumber", "DeviceUID",
-    "GantryID", "GeneratorID", "LensMake", "LensModel", "LensSerialNumber", "LensSpecification",
-    "ManufacturerDeviceClassUID", "ManufacturerDeviceIdentifier", "PerformedStationAETitle",
-    "PerformedStationGeographicLocationCodeSequence", "PerformedStationName",
-    "PerformedStationNameCodeSequence", "PlateID", "ScheduledProcedureStepLocation",
-    "ScheduledStationAETitle", "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName",
-    "ScheduledStationNameCodeSequence", "ScheduledStudyLocation", "ScheduledStudyLocationAETitle",
-    "SourceManufacturer", "SourceSerialNumber", "StationName", "TransducerIdentificationSequence",
-    "TreatmentMachineName", "UDISequence", "UniqueDeviceIdentifier", "XRayDetectorID",
-    "XRayDetectorLabel", "XRaySourceID", "StationAETitle",
-)
-# Dates that stay removed/emptied under Retain Longitudinal Temporal Information.
-BIRTH_DATES = ("PatientBirthDate", "PatientBirthTime", "PatientBirthDateInAlternativeCalendar",
-               "PatientDeathDateInAlternativeCalendar")
 # D on a sequence means "replace by a dummy item"; haven removes such sequences (PS3.15 E.1.1
 # note 13) except the structural ones below, which are kept and cleaned recursively.
 STRUCTURAL_SEQUENCES = ("ContentSequence", "GraphicAnnotationSequence")
@@ -294,7 +258,6 @@ _DATE_LIKE = re.compile(r"(?<![0-9])([0-9]{1,4}[/.\-][0-9]{1,2}[/.\-][0-9]{1,4})
 def phi_pattern(ds) -> re.Pattern | None:
     """One regex for every identifying value of a data set (recursively): person-name parts, ids,
     institution and station names, and each date in the spellings people type."""
-    from haven.ingest import IDENTIFYING_KEYWORDS
 
     terms: set[str] = set()
 
@@ -433,24 +396,6 @@ def _clean(ds, ctx: _Context) -> None:
         ds._private_blocks = {}  # the private creators are gone
     if 0x00080104 in elements and 0x00080102 in elements:
         _clean_local_code(ds, ctx)
-
-
-def safe_private_table(entries: list[dict]) -> dict[tuple[int, str], frozenset[int]]:
-    """The Retain Safe Private allow-list as ``{(group, creator): {element offsets}}``."""
-    table: dict[tuple[int, str], set[int]] = {}
-    for i, e in enumerate(entries or []):
-        try:
-            group = int(str(e["group"]), 16)
-            creator = str(e["creator"]).strip()
-            offsets = {int(str(x), 16) for x in e["elements"]}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"anonymize.safe_private[{i}]: give {{group: '0019', creator: 'NAME', "
-                             f"elements: ['10', ...]}} (hex group and element offsets)") from None
-        if not group & 1 or not creator or any(not 0 <= o <= 0xFF for o in offsets):
-            raise ValueError(f"anonymize.safe_private[{i}]: the group must be odd (private), the creator "
-                             f"named, the element offsets 00-FF")
-        table.setdefault((group, creator), set()).update(offsets)
-    return {k: frozenset(v) for k, v in table.items()}
 
 
 def _safe_private(ds, safe: dict[tuple[int, str], frozenset[int]]) -> frozenset[int]:

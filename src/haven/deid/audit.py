@@ -46,6 +46,7 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from haven.deid.profile import CLEAN_DESCRIPTORS, STANDARD_SCHEMES, safe_private_table
 from haven.io import atomic_write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -65,9 +66,6 @@ UNSEARCHED_ELEMENTS = frozenset({"Manufacturer", "ManufacturerModelName"})
 PLACEHOLDERS = frozenset({"anonymized", "anonymised", "anonymous", "anon", "removed", "deidentified",
                           "de-identified", "unknown", "none", "null", "n/a", "not available", "dummy",
                           "test", "default", "other"})
-# coding schemes whose code meanings are fixed vocabulary (cannot carry a patient's identity)
-STANDARD_SCHEMES = frozenset({"DCM", "SCT", "SRT", "LN", "UCUM", "FMA", "NCIt", "RADLEX", "UMLS",
-                              "ICD10", "I10", "I9C", "NCDR", "ACR", "BI", "99SDM"})
 CODE_ELEMENTS = frozenset({"CodeValue", "CodeMeaning", "CodingSchemeDesignator", "CodingSchemeVersion",
                            "LongCodeValue", "URNCodeValue"})
 _FREE_TEXT = re.compile(r"Description|Comment|History|Reason|Protocol|Label|Text|Alerts|Allergies|"
@@ -723,12 +721,10 @@ def audit(anon_dir: Path, ingest_dir: Path, key: bytes | None = None, max_shift_
         shifts = {p: keys.day_shift(key, p, max_shift_days) for p in {e[0] for e in entries if e[0]}}
     retained = ()
     if clean_descriptors:
-        from haven.deid.anonymize import CLEAN_DESCRIPTORS
 
         retained = CLEAN_DESCRIPTORS
     safe = ()
     if safe_private:
-        from haven.deid.anonymize import safe_private_table
 
         safe = {(g, o) for (g, _), offsets in safe_private_table(safe_private).items() for o in offsets}
     ids = Identifiers(entries, shifts, retained, retain_uids, safe)
