@@ -288,8 +288,8 @@ def _tm(seconds: int) -> str:
 
 def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     """One CT slice as a pydicom FileDataset-ready Dataset."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage
 
     site = p["site"]
     sop = uids["sop"][k]
@@ -297,15 +297,8 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     t_series = p["t0"] + 95
     t_acq = t_series + 30 + 2 * k
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "HAVEN_DEMO_1"
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.InstanceCreationDate = date
@@ -340,6 +333,28 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     block.add_new(0x10, "LO", p["patient_id"])
     block.add_new(0x11, "LO", f"{p['family']}, {p['given']}")
 
+    _patient_and_acquisition(ds, p, site)
+    _geometry_and_pixels(ds, p, k, slices, uids, pixels)
+    ds.RequestAttributesSequence = [_request(p, uids)]
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def _file_meta(sop: str):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "HAVEN_DEMO_1"
+    return meta
+
+
+def _patient_and_acquisition(ds, p: dict, site: dict) -> None:
+    """The patient module (with its planted identifiers) and the acquisition's device values."""
     ds.PatientName = p["name"]
     ds.PatientID = p["patient_id"]
     ds.IssuerOfPatientID = site["issuer"]
@@ -356,6 +371,9 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     ds.ProtocolName = "ROUTINE HEAD"
     ds.PatientPosition = "HFS"
 
+
+def _geometry_and_pixels(ds, p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray) -> None:
+    """UIDs, slice position and the image pixel module of slice ``k``."""
     ds.StudyInstanceUID = uids["study"]
     ds.SeriesInstanceUID = uids["series"]
     ds.StudyID = p["study_id"]
@@ -385,6 +403,11 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
 
+
+def _request(p: dict, uids: dict):
+    """The request attributes a RIS copies in (accession, requesting physician, study reference)."""
+    from pydicom.dataset import Dataset
+
     req = Dataset()
     req.RequestedProcedureID = p["accession"]
     req.ScheduledProcedureStepID = f"SPS{p['accession'][-6:]}"
@@ -394,10 +417,7 @@ def _dataset(p: dict, k: int, slices: int, uids: dict, pixels: np.ndarray):
     study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management
     study_ref.ReferencedSOPInstanceUID = uids["study"]
     req.ReferencedStudySequence = [study_ref]
-    ds.RequestAttributesSequence = [req]
-
-    ds.PixelData = pixels.tobytes()
-    return ds
+    return req
 
 
 def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: int = 0) -> dict:
@@ -412,8 +432,6 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
     ``out_dir/lesions.csv`` records the ground-truth ellipse of every positive slice
     (``accession,instance,row,col,semi_axis_a,semi_axis_b,angle_deg``) for checks.
     """
-    from pydicom import dcmwrite
-
     if n_patients < 1 or slices < 1:
         raise ValueError("make_brain_ct needs n_patients >= 1 and slices >= 1")
     if n_patients > len(_FAMILY) * len(_GIVEN["F"]) // 2:
@@ -439,36 +457,11 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
                 "sop": [_uid(seed, i, "sop", k) for k in range(slices)],
             }
             anat = _transform(base, rng) + rng.uniform(-3, 3)
-            blob = None
-            if p["label"]:
-                dist = _brain_distance(anat)
-                r = float(rng.uniform(20, 40))
-                r = min(r, max(20.0, float(dist.max()) / 0.8))
-                ok = np.argwhere(dist >= 0.8 * r)
-                if len(ok) == 0:
-                    ok = np.argwhere(dist >= dist.max())
-                cy, cx = ok[int(rng.integers(len(ok)))]
-                blob = {
-                    "cy": float(cy), "cx": float(cx), "a": r, "b": r * float(rng.uniform(0.75, 1.0)),
-                    "theta": float(rng.uniform(0, np.pi)),
-                    "delta": float(rng.uniform(65, 85)) - _BRAIN_HU,
-                }
+            blob = _lesion(anat, rng) if p["label"] else None
             series_dir = dicom_root / p["patient_id"] / f"{p['study'].strftime('%Y%m%d')}_{p['accession']}"
-            series_dir.mkdir(parents=True)
-            for k in range(slices):
-                dy, dx = (int(v) for v in rng.integers(-2, 3, size=2))
-                hu = np.roll(anat, (dy, dx), axis=(0, 1))
-                hu = hu + rng.normal(0.0, 4.0, size=hu.shape).astype(np.float32)
-                if blob is not None:
-                    hu, geom = _add_blob(hu, blob, k, slices, (dy, dx))
-                    lesions.append(f"{p['accession']},{k + 1},{geom}")
-                stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
-                ds = _dataset(p, k, slices, uids, stored)
-                path = series_dir / f"{k + 1}.dcm"
-                dcmwrite(path, ds, enforce_file_format=True)
-                n_files += 1
-                if first_file is None:
-                    first_file = path
+            paths = _write_series(series_dir, p, uids, anat, blob, slices, rng, lesions)
+            n_files += len(paths)
+            first_file = first_file or paths[0]
 
         (dicom_root / "truncated.dcm").write_bytes(first_file.read_bytes()[:300])
         (dicom_root / "notes.dcm").write_text(
@@ -500,6 +493,44 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
     log.info("brain-ct demo: %d patients, %d slices (%d hemorrhage) under %s",
              n_patients, n_files, pos, out_dir)
     return summary
+
+
+def _lesion(anat: np.ndarray, rng: np.random.Generator) -> dict:
+    """A seeded hyperdense ellipse placed well inside the brain of ``anat``."""
+    dist = _brain_distance(anat)
+    r = float(rng.uniform(20, 40))
+    r = min(r, max(20.0, float(dist.max()) / 0.8))
+    ok = np.argwhere(dist >= 0.8 * r)
+    if len(ok) == 0:
+        ok = np.argwhere(dist >= dist.max())
+    cy, cx = ok[int(rng.integers(len(ok)))]
+    return {
+        "cy": float(cy), "cx": float(cx), "a": r, "b": r * float(rng.uniform(0.75, 1.0)),
+        "theta": float(rng.uniform(0, np.pi)),
+        "delta": float(rng.uniform(65, 85)) - _BRAIN_HU,
+    }
+
+
+def _write_series(series_dir: Path, p: dict, uids: dict, anat: np.ndarray, blob: dict | None, slices: int,
+                  rng: np.random.Generator, lesions: list[str]) -> list[Path]:
+    """Write the patient's ``slices`` slices (each shifted and noised; the lesion, if any, on every
+    one, its geometry appended to ``lesions``); returns their paths in order."""
+    from pydicom import dcmwrite
+
+    series_dir.mkdir(parents=True)
+    paths = []
+    for k in range(slices):
+        dy, dx = (int(v) for v in rng.integers(-2, 3, size=2))
+        hu = np.roll(anat, (dy, dx), axis=(0, 1))
+        hu = hu + rng.normal(0.0, 4.0, size=hu.shape).astype(np.float32)
+        if blob is not None:
+            hu, geom = _add_blob(hu, blob, k, slices, (dy, dx))
+            lesions.append(f"{p['accession']},{k + 1},{geom}")
+        stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
+        path = series_dir / f"{k + 1}.dcm"
+        dcmwrite(path, _dataset(p, k, slices, uids, stored), enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def _add_blob(hu: np.ndarray, blob: dict, k: int, slices: int, roll: tuple[int, int]) -> tuple[np.ndarray, str]:
