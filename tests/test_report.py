@@ -11,10 +11,24 @@ import pandas as pd
 import pytest
 import yaml
 
-from haven.report.page import EVALUATE_PLOTS, SECTIONS, browser_check, find_chromium, project_report
+from haven.report.artefacts import Inputs, Outputs
+from haven.report.browser import browser_check, find_chromium
+from haven.report.page import SECTIONS, project_report
 from test_evaluate import tiny_evaluated
 
 SECRET_FOLDER = "Doe_Jane_19650412"  # an identifier in a quarantined path: must never reach the report
+# the evaluate plots by their names in rule evaluate's outputs (what rule report passes as
+# --plot NAME=PATH), and the caption the page gives each
+EVALUATE_PLOTS = (
+    ("confusion", "Confusion matrix"),
+    ("roc", "ROC curves (one-vs-rest)"),
+    ("pr", "Precision-recall curves"),
+    ("reliability", "Reliability diagram"),
+    ("subgroups", "Subgroup audit"),
+    ("gradcam", "Grad-CAM overlays"),
+    ("integrated_gradients", "Integrated Gradients overlays"),
+    ("robustness", "Robustness curve"),
+)
 
 def _browser_required() -> bool:
     return os.environ.get("HAVEN_BROWSER_REQUIRED", "") not in ("", "0")
@@ -65,7 +79,16 @@ def project(tmp_path_factory):
     (root / "train" / "run.json").write_text(json.dumps({"best_epoch": 2, "backbone": "test_resnet"}))
     s = {"project": "tiny", "model": {"backbone": "test_resnet", "weights": None}, "train": {"freeze_epochs": 1},
          "tune": {}}
-    page = project_report(root, root / "report", s)
+    inputs = Inputs(ingest_quarantine=root / "ingest" / "quarantine.csv",
+                    anonymize_quarantine=root / "anonymize" / "quarantine.csv", audit=root / "anonymize" / "audit.json",
+                    stats=root / "preprocess" / "stats.json", best=root / "tune" / "best_config.yaml",
+                    trials=root / "tune" / "trials.csv", search=root / "tune" / "search.png",
+                    history=root / "train" / "history.csv", run=root / "train" / "run.json",
+                    metrics=root / "evaluate" / "metrics.json",
+                    plots={name: root / "evaluate" / f"{name}.png" for name, _ in EVALUATE_PLOTS})
+    outputs = Outputs(html=root / "report" / "index.html", card=root / "report" / "model_card.md",
+                      card_with_model=root / "train" / "model_card.md", curves=root / "report" / "training_curves.png")
+    page = project_report(inputs, outputs, s)
     return root, page
 
 
@@ -105,6 +128,27 @@ def test_model_card_is_written_next_to_the_model(project):
     assert "Performance differs across" in card  # a flagged gap becomes a stated limitation
     assert "Not audited for bias across age_band" in card
     assert SECRET_FOLDER not in card
+
+
+def test_plots_are_placed_by_name(project, tmp_path, caplog):
+    """A plot not given reads "not available"; one given that the page has no place for is logged."""
+    root, _ = project
+    ev = root / "evaluate"
+    plots = {name: ev / f"{name}.png" for name, _ in EVALUATE_PLOTS if name != "roc"} | {"extra": ev / "roc.png"}
+    inputs = Inputs(ingest_quarantine=root / "ingest" / "quarantine.csv",
+                    anonymize_quarantine=root / "anonymize" / "quarantine.csv", audit=root / "anonymize" / "audit.json",
+                    stats=root / "preprocess" / "stats.json", best=root / "tune" / "best_config.yaml",
+                    trials=root / "tune" / "trials.csv", search=root / "tune" / "search.png",
+                    history=root / "train" / "history.csv", run=root / "train" / "run.json",
+                    metrics=ev / "metrics.json", plots=plots)
+    outputs = Outputs(html=tmp_path / "index.html", card=tmp_path / "model_card.md",
+                      card_with_model=tmp_path / "train" / "model_card.md", curves=tmp_path / "training_curves.png")
+    with caplog.at_level("WARNING", logger="haven"):
+        text = project_report(inputs, outputs, {"project": "tiny", "model": {"backbone": "test_resnet", "weights": None},
+                                                "train": {"freeze_epochs": 1}, "tune": {}}).read_text()
+    assert "ROC curves (one-vs-rest): not available" in text
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == len(EVALUATE_PLOTS) - 1 + 2
+    assert "'extra' has no place on the page" in caplog.text
 
 
 @needs_chromium

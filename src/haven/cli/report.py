@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -9,20 +10,57 @@ from haven.cli.common import settings, stage_args
 
 log = logging.getLogger("haven")
 
+# flag → haven.report.artefacts.Inputs / Outputs field: every file is named on the command line
+# (rule report passes its declared inputs and outputs), the report builds no path of its own
+INPUTS = {
+    "--ingest-quarantine": "ingest's quarantine.csv (reasons only are read)",
+    "--anonymize-quarantine": "anonymize's quarantine.csv (reasons only are read)",
+    "--audit": "anonymize/audit.json",
+    "--stats": "preprocess/stats.json",
+    "--best": "tune/best_config.yaml",
+    "--trials": "tune/trials.csv",
+    "--search": "tune/search.png",
+    "--history": "train/history.csv",
+    "--run": "train/run.json",
+    "--metrics": "evaluate/metrics.json",
+}
+OUTPUTS = {
+    "--html": "the page (report/index.html)",
+    "--card": "the model card (report/model_card.md)",
+    "--card-with-model": "the model card again, next to the model (train/model_card.md)",
+    "--curves": "the training curves it draws (report/training_curves.png)",
+}
+
+
+def _field(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _plot(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"--plot wants NAME=PATH, got {value!r}")
+    return name, Path(path)
+
 
 def cmd_report(args) -> int:
+    from haven.report.artefacts import Inputs, Outputs
     from haven.report.page import project_report
 
     s = settings(args)
-    path = project_report(Path(args.results), Path(args.out), s)
+    inputs = Inputs(**{_field(k): Path(getattr(args, _field(k))) for k in INPUTS}, plots=dict(args.plot))
+    outputs = Outputs(**{_field(k): Path(getattr(args, _field(k))) for k in OUTPUTS})
+    path = project_report(inputs, outputs, s)
     print(f"report written to {path}")
     return 0
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("report", help="per-project HTML summary and model card")
-    p.add_argument("results", help="the project's results folder")
-    p.add_argument("out")
+    for flag, what in {**INPUTS, **OUTPUTS}.items():
+        p.add_argument(flag, required=True, metavar="PATH", help=what)
+    p.add_argument("--plot", type=_plot, action="extend", nargs="+", default=[], metavar="NAME=PATH",
+                   help="an evaluate plot, by its name in rule evaluate's outputs (confusion, roc, ...); "
+                        "a plot not given shows as not available")
     stage_args(p)
     p.set_defaults(func=cmd_report)
-

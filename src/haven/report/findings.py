@@ -1,0 +1,205 @@
+"""The findings as rows and sentences, shared by the page and the model card.
+
+Everything here turns an upstream artefact (``stats.json``, ``metrics.json``, ``audit.json``,
+``trials.csv``) into plain text cells or notes; the templates only lay them out, so the page and
+the card can never state a number differently.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+
+def ci(v, interval) -> str:
+    """``0.958 [0.936, 0.979]``, or just the value when there is no interval."""
+    if v is None:
+        return "–"
+    return f"{fmt(v)} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else fmt(v)
+
+
+def split_rows(stats: dict) -> list[tuple]:
+    """split, images, patients, per class."""
+    return [(name, stats["samples"][name], stats["patients"][name],
+             ", ".join(f"{k}: {v}" for k, v in stats["per_class"][name].items())) for name in stats["samples"]]
+
+
+def pixel_text(audit: dict) -> str:
+    """The audit's OCR of burned-in text, when it read any pixels."""
+    # older audits carry no OCR counts: nothing read, nothing said
+    read, not_read = audit.get("pixel_text_read", 0), audit.get("pixel_text_not_read", 0)
+    if not read and not not_read:
+        return ""
+    return f"; burned-in text read by OCR in {read} file(s)" + (f", {not_read} not readable" if not_read else "")
+
+
+def trials_table(trials: pd.DataFrame | None, top: int = 8) -> tuple[list[tuple], tuple] | None:
+    """The ``top`` trials by the validation metric: (rows, header), or None without trials."""
+    if trials is None or trials.empty:
+        return None
+    df = trials
+    metric = next((c for c in ("val_balanced_accuracy", "val_accuracy") if c in df), None)
+    if metric:
+        df = df.sort_values(metric, ascending=False)
+    cols = [c for c in df.columns if c.startswith("param_")] + [c for c in (metric, "training_iteration") if c]
+    rows = [tuple(fmt(v) if isinstance(v, float) else v for v in r) for r in df[cols].head(top).itertuples(index=False)]
+    return rows, tuple(c.removeprefix("param_") for c in cols)
+
+
+def metric_rows(metrics: dict) -> list[tuple]:
+    intervals = metrics.get("ci") or {}
+    rows = [("n (test images)", metrics["n"])]
+    for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC AUC"),
+                      ("pr_auc", "PR AUC (average precision)")):
+        rows.append((name, ci(metrics.get(key), intervals.get(key))))
+    rows.append(("chance (majority class)", fmt(metrics.get("chance_accuracy"))))
+    return rows
+
+
+def per_class_rows(metrics: dict) -> list[tuple]:
+    intervals = (metrics.get("ci") or {}).get("per_class", {})
+    return [(c, ci(v["sensitivity"], intervals.get(c, {}).get("sensitivity")),
+             ci(v["specificity"], intervals.get(c, {}).get("specificity"))) for c, v in metrics["per_class"].items()]
+
+
+def ci_note(metrics: dict) -> str:
+    intervals = metrics.get("ci")
+    if not intervals:
+        return "No confidence intervals (evaluate.bootstrap = 0)."
+    unit = "patients (all slices of a patient together)" if intervals["unit"] == "patient" else "images"
+    return (f"[low, high]: {round(100 * intervals['level'])} % percentile bootstrap intervals over "
+            f"{intervals['resamples']} resamples of {unit}.")
+
+
+def calibration_rows(cal: dict) -> list[tuple]:
+    return [("expected calibration error (ECE)", fmt(cal.get("ece")), fmt(cal.get("ece_scaled"))),
+            ("Brier score", fmt(cal.get("brier")), fmt(cal.get("brier_scaled"))),
+            ("negative log-likelihood", fmt(cal.get("nll")), fmt(cal.get("nll_scaled")))]
+
+
+def calibration_note(cal: dict) -> str:
+    if cal.get("temperature") is None:
+        return f"ECE over {cal.get('bins')} equal-width confidence bins; no temperature scaling."
+    return (f"ECE over {cal['bins']} equal-width confidence bins. Temperature scaling fitted on the validation split "
+            f"(n = {cal.get('val_n')}): T = {cal['temperature']:.2f} ({'over' if cal['temperature'] > 1 else 'under'}"
+            f"confident model); it rescales the probabilities and never changes a prediction.")
+
+
+def metric_label(sg: dict, m: str) -> str:
+    """``sensitivity (hemorrhage)`` for binary projects: whose sensitivity it is."""
+    return f"{m} ({sg['positive_class']})" if m in ("sensitivity", "specificity") and sg.get("positive_class") else m
+
+
+def subgroup_rows(sg: dict) -> list[tuple]:
+    """attribute, group, n, the gap metrics, ROC AUC, in the gap?"""
+    rows = []
+    for attr, e in sg.get("attributes", {}).items():
+        for g, v in e["groups"].items():
+            rows.append((attr, g, v.get("n"), *[fmt(v.get(m)) for m in sg["gap_metrics"]], fmt(v.get("roc_auc")),
+                         "yes" if g in e["eligible_groups"] else "no (small or unknown)"))
+    return rows
+
+
+def subgroup_header(sg: dict) -> tuple:
+    """The header of :func:`subgroup_rows`: the gap metrics are the project's own."""
+    return ("attribute", "group", "n", *[metric_label(sg, m) for m in sg.get("gap_metrics", [])], "ROC AUC",
+            "in the gap")
+
+
+def gap_rows(sg: dict) -> list[tuple]:
+    rows = []
+    for attr, e in sg.get("attributes", {}).items():
+        for m, gp in e["gaps"].items():
+            rows.append((attr, metric_label(sg, m), f"{gp['gap']:.3f}", f"{gp['best']} ({gp['best_value']:.3f})",
+                         f"{gp['worst']} ({gp['worst_value']:.3f})",
+                         "FLAGGED" if gp["gap"] > sg["threshold"] else "ok"))
+    return rows
+
+
+def subgroup_summary(sg: dict) -> str:
+    parts = []
+    lg = sg.get("largest_gap")
+    if lg:
+        parts.append(f"Largest gap: {lg['gap']:.3f} in {metric_label(sg, lg['metric'])} across {lg['attribute']} "
+                     f"({lg['best']} {lg['best_value']:.3f} vs {lg['worst']} {lg['worst_value']:.3f}); "
+                     f"threshold {sg['threshold']:.2f}: "
+                     + (f"FLAGGED ({', '.join(sg['flagged_attributes'])})." if sg["flagged"] else "not exceeded."))
+    elif sg.get("attributes"):
+        parts.append("No subgroup gap could be computed (fewer than two groups large enough).")
+    else:
+        parts.append("No subgroup attribute could be audited.")
+    if sg.get("attributes"):
+        parts.append(f"Groups with fewer than {sg['min_group_size']} test images, and unknown values, are shown "
+                     "but left out of the gaps.")
+    for attr, reason in sg.get("skipped", {}).items():
+        parts.append(f"{attr}: not audited, {reason}.")
+    return " ".join(parts)
+
+
+def explain_summary(ex: dict) -> str:
+    r = ex.get("randomization_spearman") or {}
+    passed = ex.get("randomization_passed") or {}
+
+    def one(m, name):
+        v = r.get(m)
+        if v is None:
+            return f"{name}: not computed"
+        return f"{name} ρ = {v:.2f} ({'passed' if passed.get(m) else 'FAILED'}: maps {'change' if passed.get(m) else 'barely change'} with the weights)"
+
+    return (f"Model-randomization test on {r.get('n', 0)} explained images (Spearman rank correlation between the maps "
+            f"of the trained and of a re-initialized network; ρ < 0.5 passes): {one('gradcam', 'Grad-CAM')}; "
+            f"{one('integrated_gradients', 'Integrated Gradients')}. Grad-CAM at {ex.get('gradcam_layer')}; "
+            f"IG with {ex.get('ig_steps')} steps from a {ex.get('ig_baseline')}.")
+
+
+def robustness_rows(rob: dict) -> list[tuple]:
+    rows = []
+    for i, e in enumerate(rob.get("epsilons", [])):
+        fci, pci = (rob.get("fgsm_ci") or [None] * (i + 1))[i], (rob.get("pgd_ci") or [None] * (i + 1))[i]
+        rows.append((f"{e:g}", f"{rob['epsilon_pixel'][i] * 255:.2f}" if rob.get("epsilon_pixel") else "–",
+                     ci(rob["fgsm"][i], fci), ci(rob["pgd"][i], pci)))
+    return rows
+
+
+def robustness_note(rob: dict) -> str:
+    return (f"Untargeted L-inf attacks (adversarial-robustness-toolbox) on {rob.get('n')} class-stratified test images "
+            f"(clean accuracy {fmt(rob.get('clean_accuracy'))}); PGD {rob.get('pgd_steps')} steps. Epsilon in "
+            "normalized pixel units (the network input), also as 8-bit grey levels (ε × std × 255); "
+            "95 % Wilson intervals.")
+
+
+def limitations(stats: dict, metrics: dict) -> list[str]:
+    """Limitations stated from the findings, not boilerplate only."""
+    out = []
+    interval = (metrics.get("ci") or {}).get("balanced_accuracy")
+    if interval:
+        out.append(f"Test set of {metrics['n']} images / {stats['patients']['test']} patients: balanced accuracy is "
+                   f"known only to within [{interval[0]:.3f}, {interval[1]:.3f}].")
+    cal = metrics.get("calibration", {})
+    if cal.get("ece") is not None and cal["ece"] > 0.05:
+        after = f"; {cal['ece_scaled']:.3f} after temperature scaling" if cal.get("ece_scaled") is not None else ""
+        out.append(f"Probabilities are miscalibrated (ECE {cal['ece']:.3f}{after}); do not read them as risks.")
+    sg = metrics.get("subgroups", {})
+    for attr in sg.get("flagged_attributes", []):
+        lg = sg["attributes"][attr]["largest_gap"]
+        out.append(f"Performance differs across {attr}: {metric_label(sg, lg['metric'])} gap {lg['gap']:.3f} "
+                   f"({lg['worst']} worst), above the {sg['threshold']:.2f} threshold.")
+    if sg.get("skipped"):
+        out.append("Not audited for bias across " + ", ".join(sg["skipped"]) + " (the data carries no such value).")
+    small = [f"{a} {g}" for a, e in sg.get("attributes", {}).items() for g in e["groups"] if g not in e["eligible_groups"]]
+    if small:
+        out.append("Too few test images to judge: " + ", ".join(small) + ".")
+    ex = metrics.get("explain", {})
+    failed = [m for m, ok in (ex.get("randomization_passed") or {}).items() if not ok]
+    if failed:
+        out.append("Saliency maps of " + " and ".join(m.replace("_", " ") for m in failed) + " barely change when the "
+                   "weights are randomized: they reflect the input more than the model; do not use them as explanations.")
+    rob = metrics.get("robustness", {})
+    if rob.get("epsilons"):
+        worst = min(rob.get("pgd") or [1.0])
+        out.append(f"Not robust to adversarial noise: PGD at ε = {max(rob['epsilons']):g} leaves {fmt(worst)} accuracy.")
+    out.append("Performance on other scanners, sites, protocols or populations is unknown.")
+    return out
