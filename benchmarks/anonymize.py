@@ -99,7 +99,8 @@ def run_bare(files, out: Path) -> None:
 def run_haven(files, out: Path, src: Path, ingest: Path) -> None:
     from haven.deid.anonymize import anonymize
 
-    anonymize(src, ingest, out, KEY)
+    anonymize(src, ingest / "manifest.csv", KEY, data=out / "data", manifest=out / "manifest.csv",
+              log_csv=out / "anonymization.log.csv", quarantine=out / "quarantine.csv")
 
 
 def run_dicognito(files, out: Path) -> None:
@@ -148,13 +149,16 @@ def leaks(out: Path, ingest: Path, files: list[Path], name: str) -> tuple[int, i
     chance).  haven's output gets haven's own gate (which also knows its keyed date shifts)."""
     from collections import Counter
 
-    from haven.deid.audit import Identifiers, _read_csv, _scan_tree, audit, load_identifiers
+    from haven.deid.audit import audit
+    from haven.deid.identifiers import Identifiers, load_identifiers, read_csv
+    from haven.deid.scan import scan_tree
 
     if name == "haven":
-        result = audit(out, ingest, key=KEY)
+        result = audit([out / "data"], out / "manifest.csv", out / "anonymization.log.csv",
+                       ingest / "identifiers.csv", ingest / "manifest.csv", key=KEY)
         findings = result["findings"]
     else:
-        rows = _read_csv(ingest / "manifest.csv")
+        rows = read_csv(ingest / "manifest.csv")
         patient = {r["path"].rsplit("/", 1)[-1]: r["patient_id"] for r in rows}
         patient_of = {}
         for f in out.rglob("*.dcm"):
@@ -163,7 +167,8 @@ def leaks(out: Path, ingest: Path, files: list[Path], name: str) -> tuple[int, i
             if stem.split(".")[0].isdigit():  # tools writing <index>.dcm
                 stem = files[int(stem.split(".")[0])].name
             patient_of[rel] = patient.get(stem, "")
-        _, findings = _scan_tree(out, Identifiers(load_identifiers(ingest)), patient_of)
+        _, findings = scan_tree(out, Identifiers(load_identifiers(ingest / "identifiers.csv", ingest / "manifest.csv")),
+                                patient_of)
     nfiles = {f["file"] for f in findings}
     where = Counter(f["where"].split("[")[0] for f in findings)
     return len(findings), len(nfiles), [w for w, _ in where.most_common(4)]
@@ -235,9 +240,11 @@ def main() -> None:
         env = dict(os.environ, HAVEN_KEY=KEY.decode(), OMP_NUM_THREADS="1")
         outs = [fresh(f"haven-{k}") for k in range(args.workers)]
         t0 = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-m", "haven.cli", "anonymize", str(src), str(ingest_dir),
-                                   str(o), "--shard", f"{k}/{args.workers}", "--params",
-                                   '{"anonymize": {}, "key_env": "HAVEN_KEY"}'],
+        procs = [subprocess.Popen([sys.executable, "-m", "haven.cli", "anonymize", str(src),
+                                   "--ingest-manifest", str(ingest_dir / "manifest.csv"), "--data", str(o / "data"),
+                                   "--manifest", str(o / "manifest.csv"), "--log", str(o / "anonymization.log.csv"),
+                                   "--quarantine", str(o / "quarantine.csv"), "--shard", f"{k}/{args.workers}",
+                                   "--params", '{"anonymize": {}, "key_env": "HAVEN_KEY"}'],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for k, o in enumerate(outs)]
         for p in procs:

@@ -74,6 +74,12 @@ def bare(files: list[Path], what: str, out: Path | None = None) -> float:
 PARAMS = json.dumps({"key_env": "HAVEN_KEY", "anonymize": {}, "labels": None, "label_column": "label"})
 
 
+def tables(folder: Path) -> list[str]:
+    """`haven ingest` arguments writing its three tables into ``folder``."""
+    return ["--manifest", str(folder / "manifest.csv"), "--identifiers", str(folder / "identifiers.csv"),
+            "--quarantine", str(folder / "quarantine.csv")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -98,8 +104,8 @@ def main() -> int:
     t0 = time.perf_counter()
     ingest(src, out / "ingest-inproc")
     t_inproc = time.perf_counter() - t0
-    t_ingest, _ = haven("ingest", str(src), str(out / "ingest"), "--params", PARAMS)
-    t_ingest2 = haven_parallel([["ingest", str(src), str(out / f"ingest2-{i}"), "--shard", f"{i}/2",
+    t_ingest, _ = haven("ingest", str(src), *tables(out / "ingest"), "--params", PARAMS)
+    t_ingest2 = haven_parallel([["ingest", str(src), *tables(out / f"ingest2-{i}"), "--shard", f"{i}/2",
                                  "--params", PARAMS] for i in range(2)])
     t_anon, _ = haven("anonymize", str(src), str(out / "ingest"), str(out / "anon"), "--params", PARAMS)
     t_anon2 = haven_parallel([["anonymize", str(src), str(out / "ingest"), str(out / f"anon2-{i}"), "--shard",
@@ -127,11 +133,11 @@ def main() -> int:
         shards = max(1, math.ceil(size / args.files_per_shard))
         o = work / f"rss-{size}"
         shutil.rmtree(o, ignore_errors=True)
-        _, rss_i = haven("ingest", str(src), str(o / "ingest" / "0"), "--shard", f"0/{shards}", "--params", PARAMS)
+        _, rss_i = haven("ingest", str(src), *tables(o / "ingest" / "0"), "--shard", f"0/{shards}", "--params", PARAMS)
         for first in range(1, shards, 2):  # the other shards, two at a time, for the whole manifest
-            haven_parallel([["ingest", str(src), str(o / "ingest" / str(i)), "--shard", f"{i}/{shards}",
+            haven_parallel([["ingest", str(src), *tables(o / "ingest" / str(i)), "--shard", f"{i}/{shards}",
                              "--params", PARAMS] for i in range(first, min(first + 2, shards))])
-        from haven.shards import merge_ingest
+        from haven.ingest import merge_ingest
 
         merge_ingest([o / "ingest" / str(i) for i in range(shards)], o / "ingest")
         t, rss_a = haven("anonymize", str(src), str(o / "ingest"), str(o / "anon"), "--shard", f"0/{shards}",

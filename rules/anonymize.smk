@@ -21,28 +21,31 @@ rule anonymize_shard:
     conda:
         "../envs/anonymize.yaml"
     shell:
-        "haven anonymize {params.source:q} $(dirname {input.manifest:q}) $(dirname {output.manifest:q}) "
-        "--shard {wildcards.shard}/{params.shards} --data {output.data:q} --params {params.settings:q} > {log:q} 2>&1"
+        "haven anonymize {params.source:q} --ingest-manifest {input.manifest:q} --shard {wildcards.shard}/{params.shards} "
+        "--data {output.data:q} --manifest {output.manifest:q} --log {output.log_csv:q} "
+        "--quarantine {output.quarantine:q} --params {params.settings:q} > {log:q} 2>&1"
 
 
 rule anonymize:
     """Merge the shards' pseudonymous manifests and logs (files stay in anonymize/data/<shard>/)."""
     input:
-        shard_paths("anonymize/shards/{shard}/manifest.csv"),
-        shard_paths("anonymize/data/{shard}"),
+        manifests=shard_paths("anonymize/shards/{shard}/manifest.csv"),
+        logs=shard_paths("anonymize/shards/{shard}/anonymization.log.csv"),
+        quarantines=shard_paths("anonymize/shards/{shard}/quarantine.csv"),
+        data=shard_paths("anonymize/data/{shard}"),
     output:
         manifest=P("anonymize/manifest.csv"),
         log_csv=P("anonymize/anonymization.log.csv"),
         quarantine=P("anonymize/quarantine.csv"),
-    params:
-        shards=shard_paths("anonymize/shards/{shard}"),
     localrule: True
     log:
         P("logs/anonymize.log"),
     conda:
         "../envs/anonymize.yaml"
     shell:
-        "haven merge anonymize $(dirname {output.manifest:q}) {params.shards:q} > {log:q} 2>&1"
+        "haven merge anonymize --manifest {output.manifest:q} --log {output.log_csv:q} --quarantine {output.quarantine:q} "
+        "--shard-data {input.data:q} --shard-manifests {input.manifests:q} --shard-logs {input.logs:q} "
+        "--shard-quarantines {input.quarantines:q} > {log:q} 2>&1"
 
 
 rule audit:
@@ -52,10 +55,12 @@ rule audit:
         manifest=P("anonymize/manifest.csv"),
         log_csv=P("anonymize/anonymization.log.csv"),
         identifiers=P("ingest/identifiers.csv"),
+        ingest_manifest=P("ingest/manifest.csv"),
     output:
         report(P("anonymize/audit.json"), caption="../workflow/report/audit.rst", category="1. Data",
                labels={"project": "{project}", "artefact": "audit"}),
     params:
+        data_root=P("anonymize/data"),  # the manifest's file paths start here: <shard>/<file>
         settings=settings("audit"),
     resources:
         **CPU_SITE,
@@ -64,5 +69,6 @@ rule audit:
     conda:
         "../envs/anonymize.yaml"
     shell:
-        "haven audit $(dirname {input.manifest:q}) --ingest $(dirname {input.identifiers:q}) "
-        "--params {params.settings:q} > {log:q} 2>&1"
+        "haven audit --data {input.data:q} --data-root {params.data_root:q} --manifest {input.manifest:q} "
+        "--log {input.log_csv:q} --identifiers {input.identifiers:q} --ingest-manifest {input.ingest_manifest:q} "
+        "--result {output:q} --params {params.settings:q} > {log:q} 2>&1"

@@ -35,7 +35,8 @@ rule ingest_shard:
     conda:
         "../envs/ingest.yaml"
     shell:
-        "haven ingest {params.source:q} $(dirname {output.manifest:q}) --shard {wildcards.shard}/{params.shards} "
+        "haven ingest {params.source:q} --manifest {output.manifest:q} --identifiers {output.identifiers:q} "
+        "--quarantine {output.quarantine:q} --shard {wildcards.shard}/{params.shards} "
         "--params {params.settings:q} > {log:q} 2>&1"
 
 
@@ -43,13 +44,17 @@ rule ingest:
     """Merge the shards: one manifest, identifier list and quarantine list (duplicates across shards
     quarantined)."""
     input:
-        shard_paths("ingest/shards/{shard}/manifest.csv"),
+        # the label table (the merge counts its rows no file matched); a demo's is in its generated folder
+        labels=lambda w: ([] if not project(w)["labels"]
+                          else source_inputs(w)["source"] if project(w)["demo"] else project(w)["labels"]),
+        manifests=shard_paths("ingest/shards/{shard}/manifest.csv"),
+        identifiers=shard_paths("ingest/shards/{shard}/identifiers.csv"),
+        quarantines=shard_paths("ingest/shards/{shard}/quarantine.csv"),
     output:
         manifest=P("ingest/manifest.csv"),
         identifiers=P("ingest/identifiers.csv"),
         quarantine=P("ingest/quarantine.csv"),
     params:
-        shards=shard_paths("ingest/shards/{shard}"),
         settings=settings("ingest"),
     localrule: True
     log:
@@ -57,4 +62,7 @@ rule ingest:
     conda:
         "../envs/ingest.yaml"
     shell:
-        "haven merge ingest $(dirname {output.manifest:q}) {params.shards:q} --params {params.settings:q} > {log:q} 2>&1"
+        "haven merge ingest --manifest {output.manifest:q} --identifiers {output.identifiers:q} "
+        "--quarantine {output.quarantine:q} --shard-manifests {input.manifests:q} "
+        "--shard-identifiers {input.identifiers:q} --shard-quarantines {input.quarantines:q} "
+        "--params {params.settings:q} > {log:q} 2>&1"

@@ -22,8 +22,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from haven import keys
-from haven.deid.anonymize import age_band, anonymize, profile_size, strip_jpeg
-from haven.deid.audit import audit, collect_identifiers
+from deidrun import anonymize_into, audit_of
+from haven.deid.anonymize import age_band
+from haven.deid.identifiers import collect_identifiers
+from haven.deid.images import strip_jpeg
+from haven.deid.table import profile_size
 
 KEY = b"test-key-0123456789abcdef-haven!"
 OTHER_KEY = b"another-key-0123456789abcdef-xyz"
@@ -230,7 +233,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     c = build_corpus(root)
     c["out"] = root / "anon"
-    c["summary"] = anonymize(c["source"], c["ingest"], c["out"], KEY)
+    c["summary"] = anonymize_into(c["source"], c["ingest"], c["out"], KEY)
     c["manifest"] = _read_rows(c["out"] / "manifest.csv")
     c["log"] = _read_rows(c["out"] / "anonymization.log.csv")
     return c
@@ -247,7 +250,7 @@ def _output_of(c: dict, rel_in: str) -> Path:
 
 
 def test_profile_table_is_large_and_well_formed():
-    from haven.deid.anonymize import load_profile
+    from haven.deid.table import load_profile
 
     table = load_profile()
     assert profile_size() >= 650
@@ -259,7 +262,7 @@ def test_profile_table_holds_every_attribute_of_the_standard():
     """Against the 2026c edition of Table E.1-1 (dicom-anonymizer's machine-readable copy): every
     attribute present, with the action its compound code resolves to."""
     from haven.deid import ps315
-    from haven.deid.anonymize import PROFILE_PATH, load_profile
+    from haven.deid.table import PROFILE_PATH, load_profile
 
     standard = ps315.standard_table()
     assert len(standard) >= 650
@@ -288,7 +291,7 @@ def test_summary_log_and_manifest(corpus):
 
 
 def test_audit_passes_after_anonymization(corpus):
-    result = audit(corpus["out"], corpus["ingest"])
+    result = audit_of(corpus["out"], corpus["ingest"])
     assert result["findings"] == []
     assert result["passed"] and result["files"] == 11
 
@@ -368,7 +371,7 @@ def test_dates_shift_per_patient_and_keep_intervals(corpus):
 
 def test_patient_id_is_keyed(corpus, tmp_path):
     other = tmp_path / "anon-other-key"
-    anonymize(corpus["source"], corpus["ingest"], other, OTHER_KEY)
+    anonymize_into(corpus["source"], corpus["ingest"], other, OTHER_KEY)
     rows = _read_rows(other / "manifest.csv")
     assert rows[0]["patient"] == keys.pseudonym(OTHER_KEY, "PID-1001-XY") != corpus["manifest"][0]["patient"]
     assert rows[0]["file"] != corpus["manifest"][0]["file"]
@@ -416,11 +419,11 @@ def test_output_names_contain_no_input_names(corpus):
 
 def test_twice_is_byte_identical(corpus, tmp_path):
     again = tmp_path / "anon-again"
-    anonymize(corpus["source"], corpus["ingest"], again, KEY)
+    anonymize_into(corpus["source"], corpus["ingest"], again, KEY)
     assert _tree_digest(again) == _tree_digest(corpus["out"])
     # and re-running into the same folder changes nothing either
     before = _tree_digest(corpus["out"])
-    anonymize(corpus["source"], corpus["ingest"], corpus["out"], KEY)
+    anonymize_into(corpus["source"], corpus["ingest"], corpus["out"], KEY)
     assert _tree_digest(corpus["out"]) == before
 
 
@@ -440,7 +443,7 @@ def test_truncated_and_missing_files_are_quarantined(corpus, tmp_path):
             {**{c: "" for c in INGEST_COLUMNS}, "path": "a/photo.jpg", "kind": "image", "patient_id": "x"}]
     write_ingest(ingest, rows, [])
     out = tmp_path / "anon"
-    summary = anonymize(source, ingest, out, KEY)
+    summary = anonymize_into(source, ingest, out, KEY)
     assert summary == {"inputs": 5, "anonymized": 1, "quarantined": 4}
     quarantine = _read_rows(out / "quarantine.csv")
     # rows of ingest/manifest.csv, never the input paths (which carry names here)
@@ -478,9 +481,9 @@ def test_png_text_chunk_removed_pixels_kept(corpus):
 
 def test_options_change_the_profile(corpus, tmp_path):
     out = tmp_path / "strict"
-    anonymize(corpus["source"], corpus["ingest"], out, KEY,
-              {"retain_device_identity": False, "retain_patient_characteristics": False,
-               "retain_longitudinal_modified_dates": False, "age_band_width": 5})
+    anonymize_into(corpus["source"], corpus["ingest"], out, KEY,
+                   {"retain_device_identity": False, "retain_patient_characteristics": False,
+                    "retain_longitudinal_modified_dates": False, "age_band_width": 5})
     rows = _read_rows(out / "manifest.csv")
     assert rows[0]["age_band"] == "50-54"
     ds = pydicom.dcmread(out / "data" / rows[0]["file"])
@@ -489,16 +492,16 @@ def test_options_change_the_profile(corpus, tmp_path):
     assert "PatientAge" not in ds and "PatientWeight" not in ds and ds.PatientSex == ""
     assert ds.StudyDate == "" and "StudyTime" in ds and ds.StudyTime == ""
     assert ds.StationName == "ANONYMIZED" and ds.DeviceSerialNumber == "ANONYMIZED"
-    assert audit(out, corpus["ingest"])["passed"]
+    assert audit_of(out, corpus["ingest"])["passed"]
     with pytest.raises(ValueError, match="unknown anonymize option"):
-        anonymize(corpus["source"], corpus["ingest"], out, KEY, {"retain_everything": True})
+        anonymize_into(corpus["source"], corpus["ingest"], out, KEY, {"retain_everything": True})
 
 
 def test_clean_descriptors_and_retain_uids(corpus, tmp_path):
     """The two options the basic profile leaves off: descriptions kept without the file's names,
     ids and dates; original UIDs kept.  The audit passes only when told the options were on."""
     out = tmp_path / "descriptors"
-    anonymize(corpus["source"], corpus["ingest"], out, KEY, {"clean_descriptors": True, "retain_uids": True})
+    anonymize_into(corpus["source"], corpus["ingest"], out, KEY, {"clean_descriptors": True, "retain_uids": True})
     log_rows = _read_rows(out / "anonymization.log.csv")
     rel = corpus["paths"][("PID-1001-XY", 0, 1)]
     index = next(i for i, r in enumerate(corpus["rows"]) if r["path"] == rel)
@@ -512,10 +515,10 @@ def test_clean_descriptors_and_retain_uids(corpus, tmp_path):
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     codes = {i.CodeValue for i in ds.DeidentificationMethodCodeSequence}
     assert {"113105", "113110"} <= codes
-    assert audit(out, corpus["ingest"], clean_descriptors=True, retain_uids=True)["passed"]
-    kinds = {f["kind"] for f in audit(out, corpus["ingest"])["findings"]}
+    assert audit_of(out, corpus["ingest"], clean_descriptors=True, retain_uids=True)["passed"]
+    kinds = {f["kind"] for f in audit_of(out, corpus["ingest"])["findings"]}
     assert "SOPInstanceUID" in kinds  # a gate told nothing sees the kept UIDs as leaks
-    from haven.deid.anonymize import scrub
+    from haven.deid.header import scrub
 
     assert scrub("Seen 03/12/1970 MRN 99887766", None) == "Seen MRN"
 
@@ -554,7 +557,7 @@ def test_pydicom_test_corpus(tmp_path):
     write_ingest(ingest, rows, identifiers)
     out = tmp_path / "anon"
     t0 = time.perf_counter()
-    summary = anonymize(folder, ingest, out, KEY)
+    summary = anonymize_into(folder, ingest, out, KEY)
     elapsed = time.perf_counter() - t0
     assert summary["inputs"] == len(rows)
     assert summary["anonymized"] + summary["quarantined"] == len(rows)
@@ -563,7 +566,7 @@ def test_pydicom_test_corpus(tmp_path):
     assert len(quarantine) == summary["quarantined"] and all(q["reason"] for q in quarantine)
     log_rows = _read_rows(out / "anonymization.log.csv")
     assert len(log_rows) == len(rows)
-    result = audit(out, ingest)
+    result = audit_of(out, ingest)
     assert result["passed"], result["findings"][:20]
     print(f"\npydicom corpus: {len(rows)} readable ({len(unreadable)} unreadable skipped), "
           f"{summary['anonymized']} anonymized, {summary['quarantined']} quarantined in {elapsed:.1f}s")
@@ -578,7 +581,7 @@ def test_pydicom_test_corpus(tmp_path):
 def test_retain_safe_private(tmp_path):
     """Allow-listed private elements (and their creator) are kept as read; the rest of the block, and
     the same offset under another creator, are removed; the gate passes only when told."""
-    from haven.deid.anonymize import safe_private_table
+    from haven.deid.profile import safe_private_table
     from haven.ingest import ingest
 
     ds = _dicom("PID-1001-XY", 0, 0)
@@ -593,7 +596,7 @@ def test_retain_safe_private(tmp_path):
     ingest(tmp_path / "src", tmp_path / "ingest")
     allow = [{"group": "0029", "creator": "ACME SAFE", "elements": ["10"]}]
     out = tmp_path / "anon"
-    anonymize(tmp_path / "src", tmp_path / "ingest", out, KEY, {"safe_private": allow})
+    anonymize_into(tmp_path / "src", tmp_path / "ingest", out, KEY, {"safe_private": allow})
     res = pydicom.dcmread(next((out / "data").rglob("*.dcm")))
     private = {(e.tag.group, e.tag.element & 0xFF): str(e.value) for e in res if e.tag.is_private}
     block = res.private_block(0x0029, "ACME SAFE")
@@ -601,7 +604,7 @@ def test_retain_safe_private(tmp_path):
     assert 0x11 not in block and "SOMEONE ELSE" not in private.values()
     assert "DOE JOHN PRIVATE NOTE" not in private.values() and "PID-1001-XY" not in private.values()
     assert "113111" in {i.CodeValue for i in res.DeidentificationMethodCodeSequence}
-    assert audit(out, tmp_path / "ingest", safe_private=allow)["passed"]
-    assert not audit(out, tmp_path / "ingest")["passed"]  # the kept value is a private value seen at ingest
+    assert audit_of(out, tmp_path / "ingest", safe_private=allow)["passed"]
+    assert not audit_of(out, tmp_path / "ingest")["passed"]  # the kept value is a private value seen at ingest
     with pytest.raises(ValueError, match="safe_private\\[0\\]"):
         safe_private_table([{"group": "0010", "creator": "X", "elements": ["10"]}])

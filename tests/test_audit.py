@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from haven import keys
-from haven.deid.anonymize import anonymize, strip_jpeg
-from haven.deid.audit import Identifiers, audit, audit_tree, collect_identifiers, write_audit_result
+from deidrun import anonymize_into, audit_of
+from haven.deid.audit import audit_tree, write_audit_result
+from haven.deid.identifiers import Identifiers, collect_identifiers
+from haven.deid.images import strip_jpeg
 from test_anonymize import (INSTITUTION, KEPT_SEQ_NAME, KEY, PATIENTS, REFERRING, SEQ_NAME,
                             build_corpus)
 
@@ -30,7 +32,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit-corpus")
     c = build_corpus(root)
     c["out"] = root / "anon"
-    anonymize(c["source"], c["ingest"], c["out"], KEY)
+    anonymize_into(c["source"], c["ingest"], c["out"], KEY)
     return c
 
 
@@ -52,7 +54,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_clean_output_passes(corpus):
-    result = audit(corpus["out"], corpus["ingest"])
+    result = audit_of(corpus["out"], corpus["ingest"])
     assert result["passed"] and result["findings"] == [] and result["files"] == 11
     assert result["identifiers"] > 100
 
@@ -119,7 +121,7 @@ def test_planted_leaks_in_the_output_are_found(corpus, tmp_path):
     img = anon / "data" / manifest[-1]["file"]
     img.rename(img.with_name("ACC1077880_" + img.name))
 
-    result = audit(anon, corpus["ingest"])
+    result = audit_of(anon, corpus["ingest"])
     assert not result["passed"]
     _no_values(result)
     found = {(f["file"], f["where"], f["kind"]) for f in result["findings"]}
@@ -145,10 +147,10 @@ def test_dates_are_checked_per_patient(corpus, tmp_path):
     ds = pydicom.dcmread(target)
     ds.SeriesDate = roe_dates[0]  # another patient's date identifies nobody here
     ds.save_as(target, enforce_file_format=True)
-    assert audit(anon, corpus["ingest"])["passed"]
+    assert audit_of(anon, corpus["ingest"])["passed"]
     ds.ContentDate = doe_dates[1]  # the patient's own original date: a leak
     ds.save_as(target, enforce_file_format=True)
-    result = audit(anon, corpus["ingest"])
+    result = audit_of(anon, corpus["ingest"])
     assert {(f["where"], f["kind"]) for f in result["findings"]} >= {("ContentDate", "StudyDate")}
     assert doe_dates[1] not in json.dumps(result)
 
@@ -244,9 +246,9 @@ def test_incomplete_output_fails_closed(corpus, tmp_path):
     anon = _leaky(corpus, tmp_path)
     (anon / "anonymization.log.csv").unlink()
     (anon / "data" / ".tmp-leftover.part").write_bytes(b"\x00" * 10)
-    result = audit(anon, corpus["ingest"])
+    result = audit_of(anon, corpus["ingest"])
     found = {(f["file"], f["where"], f["kind"]) for f in result["findings"]}
     assert ("anonymization.log.csv", "anonymization.log.csv", "missing") in found
     assert (".tmp-leftover.part", "file", "unknown file type") in found
     with pytest.raises(FileNotFoundError):
-        audit(anon, tmp_path / "no-ingest")
+        audit_of(anon, tmp_path / "no-ingest")

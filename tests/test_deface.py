@@ -11,9 +11,8 @@ import pydicom
 import pytest
 
 import headphantom
+from deidrun import anonymize_into, audit_of
 from haven.deid import deface
-from haven.deid.anonymize import anonymize
-from haven.deid.audit import audit
 from haven.ingest import ingest
 from haven.shards import shard_of
 
@@ -165,7 +164,7 @@ def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tm
     root = heads["root"]
     out = tmp_path / "anon"
     opts = {"deface": {"enabled": True, "modalities": ["CT", "MR"]}}
-    summary = anonymize(heads["src"], root / "ingest", out, KEY, opts)
+    summary = anonymize_into(heads["src"], root / "ingest", out, KEY, opts)
     n_volume, n_broken = len(heads["volume"]), 21
     assert summary["inputs"] == n_volume + 2 + n_broken + 1
     assert summary["quarantined"] == n_broken
@@ -201,16 +200,16 @@ def test_anonymize_defaces_head_volumes_and_quarantines_what_it_cannot(heads, tm
         assert cut[heads["parts"]["nose"]].mean() > 0.99
         assert cut[heads["parts"]["brain"]].sum() == 0
 
-    result = audit(out, root / "ingest", KEY, deface=opts["deface"])
+    result = audit_of(out, root / "ingest", KEY, deface=opts["deface"])
     assert result["passed"], result["findings"][:5]
 
 
 def test_audit_fails_on_a_head_volume_left_with_its_face(heads, tmp_path):
     root = heads["root"]
     out = tmp_path / "anon"
-    anonymize(heads["src"], root / "ingest", out, KEY, {})  # defacing off
-    assert audit(out, root / "ingest", KEY)["passed"]
-    result = audit(out, root / "ingest", KEY, deface={"enabled": True, "modalities": ["CT", "MR"]})
+    anonymize_into(heads["src"], root / "ingest", out, KEY, {})  # defacing off
+    assert audit_of(out, root / "ingest", KEY)["passed"]
+    result = audit_of(out, root / "ingest", KEY, deface={"enabled": True, "modalities": ["CT", "MR"]})
     assert not result["passed"]
     kinds = {f["kind"] for f in result["findings"]}
     assert kinds == {"head volume not defaced"}
@@ -224,8 +223,8 @@ def test_a_series_is_never_split_between_shards(heads, tmp_path):
     total = 0
     for i in range(4):
         out = tmp_path / f"s{i}"
-        summary = anonymize(heads["src"], root / "ingest", out, KEY,
-                            {"deface": {"enabled": True, "modalities": ["CT"]}}, shard=(i, 4))
+        summary = anonymize_into(heads["src"], root / "ingest", out, KEY,
+                                 {"deface": {"enabled": True, "modalities": ["CT"]}}, shard=(i, 4))
         total += summary["inputs"]
         series = {m["series"] for m in _rows(out / "manifest.csv")}
         for s in series:

@@ -11,8 +11,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from haven.deid import anonymize as anon
-from haven.deid import dicomraw
+from haven.deid import dicomfile, dicomraw, writer
+from haven.deid.errors import AnonymizeError
+from haven.deid.options import options as deid_options
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 
@@ -29,10 +30,10 @@ def _deidentified(path: Path, options: dict):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds, _, _, meta = anon._deidentify_dicom(path, {"patient_id": "P1"}, b"k" * 32,
-                                                    anon._options(options), {})
-            anon._fix_encoding(ds, meta.transfer_syntax)
-    except anon.AnonymizeError:
+            ds, _, _, meta = dicomfile.deidentify_dicom(path, {"patient_id": "P1"}, b"k" * 32,
+                                                      deid_options(options), {})
+            writer.fix_encoding(ds, meta.transfer_syntax)
+    except AnonymizeError:
         return None
     return ds, meta
 
@@ -52,7 +53,7 @@ def test_raw_writer_output_equals_pydicom_save_as(options):
         out = io.BytesIO()
         try:
             header = dicomraw.file_meta(meta.sop_class, meta.sop_instance, meta.transfer_syntax,
-                                        pydicom.uid.PYDICOM_IMPLEMENTATION_UID, anon._IMPLEMENTATION_NAME)
+                                        pydicom.uid.PYDICOM_IMPLEMENTATION_UID, writer.IMPLEMENTATION_NAME)
             dicomraw.write_file(out, ds, header, pydicom.uid.UID(meta.transfer_syntax))
         except dicomraw.Unsupported:
             declined += 1
@@ -63,7 +64,7 @@ def test_raw_writer_output_equals_pydicom_save_as(options):
         ref.file_meta.MediaStorageSOPInstanceUID = meta.sop_instance
         ref.file_meta.TransferSyntaxUID = meta.transfer_syntax
         ref.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-        ref.file_meta.ImplementationVersionName = anon._IMPLEMENTATION_NAME
+        ref.file_meta.ImplementationVersionName = writer.IMPLEMENTATION_NAME
         ref.preamble = b"\x00" * 128
         expected = io.BytesIO()
         ref.save_as(expected, enforce_file_format=True)

@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from haven import demo
-from haven.ingest import MANIFEST_COLUMNS, _age_years, ingest
+from haven.ingest import MANIFEST_COLUMNS, ingest
+from haven.sources.dicomheader import age_years
 
 
 def _read(path: Path) -> list[dict]:
@@ -371,7 +372,7 @@ def test_age_in_years(age, birth, study, expected):
         ds.PatientBirthDate = birth
     if study:
         ds.StudyDate = study
-    assert _age_years(ds) == expected
+    assert age_years(ds) == expected
 
 
 def test_own_meta_reader_gives_what_dcmread_gives(monkeypatch):
@@ -381,32 +382,34 @@ def test_own_meta_reader_gives_what_dcmread_gives(monkeypatch):
     import deid_data
     from pydicom.data import get_testdata_file
 
-    from haven import ingest as ing
+    from haven import sources
+    from haven.sources import dicom
 
     files = [p for p in sorted(Path(get_testdata_file("CT_small.dcm")).parent.rglob("*")) if p.is_file()]
     files += sorted((Path(deid_data.__file__).parent / "data").rglob("*.dcm"))
 
     def results():
         out = []
-        with ing._quiet_pydicom():
+        with sources.quiet():
             for p in files:
                 try:
-                    out.append(ing._one(p, p.name, True))
+                    out.append(sources.read_header(p, p.name, True))
                 except Exception as e:  # quarantined (or a reason), compared as text
-                    out.append((type(e).__name__, ing._reason(e, p) if not isinstance(e, ing._Quarantine) else str(e)))
+                    out.append((type(e).__name__,
+                                sources.reason(e, p) if not isinstance(e, sources.Quarantine) else str(e)))
         return out
 
     taken = []
-    real = ing._read_native
+    real = dicom._read_native
 
     def counted(fh):
         ds = real(fh)
         taken.append(ds is not None)
         return ds
 
-    monkeypatch.setattr(ing, "_read_native", counted)
+    monkeypatch.setattr(dicom, "_read_native", counted)
     own = results()
-    monkeypatch.setattr(ing, "_read_native", lambda fh: None)
+    monkeypatch.setattr(dicom, "_read_native", lambda fh: None)
     assert own == results()
     assert sum(taken) > 80
     assert sum(isinstance(r[0], dict) for r in own) > 100  # accepted files, compared field by field

@@ -21,8 +21,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from haven.deid import redact
-from haven.deid.anonymize import anonymize
-from haven.deid.audit import audit, audit_tree, collect_identifiers
+from deidrun import anonymize_into, audit_of
+from haven.deid.audit import audit_tree
+from haven.deid.identifiers import collect_identifiers
 from haven.ingest import ingest
 
 KEY = b"redact-test-key-0123456789abcdef"
@@ -72,7 +73,7 @@ def _sc_with_text(path: Path, text: str = "QUIRKE ARCHIBALD  MRN77881234  03/17/
 
 def _pipeline(src: Path, work: Path, pixels: dict | None = None) -> dict:
     ingest(src, work / "ingest")
-    summary = anonymize(src, work / "ingest", work / "anon", KEY, {"pixels": pixels or {}})
+    summary = anonymize_into(src, work / "ingest", work / "anon", KEY, {"pixels": pixels or {}})
     with open(work / "anon" / "anonymization.log.csv", newline="") as fh:
         summary["log"] = list(csv.DictReader(fh))
     with open(work / "anon" / "quarantine.csv", newline="") as fh:
@@ -103,7 +104,7 @@ def test_real_ultrasound_text_is_found_then_removed(tmp_path):
 
     s = _pipeline(tmp_path / "src", tmp_path)
     assert (s["anonymized"], s["quarantined"]) == (3, 0), s["quarantine"]
-    result = audit(tmp_path / "anon", tmp_path / "ingest")
+    result = audit_of(tmp_path / "anon", tmp_path / "ingest")
     assert result["passed"], result["findings"]
     assert result["pixel_text_read"] == 3 and result["pixel_text_not_read"] == 0
     for out in _outputs(tmp_path):
@@ -136,7 +137,7 @@ def test_secondary_capture_text_blacked_out_rest_untouched(tmp_path):
 
     s = _pipeline(tmp_path / "src", tmp_path)
     assert s["anonymized"] == 1, s["quarantine"]
-    assert audit(tmp_path / "anon", tmp_path / "ingest")["passed"]
+    assert audit_of(tmp_path / "anon", tmp_path / "ingest")["passed"]
     cleaned = pydicom.dcmread(_outputs(tmp_path)[0]).pixel_array
     assert cleaned[:40].max() < 255 // 2  # the text band: no bright glyph pixels left
     assert np.array_equal(cleaned[60:], original[60:])  # the image below it: bit-identical
@@ -198,7 +199,7 @@ def test_options_are_checked():
 
 
 def test_pixel_text_dates_match_dicom_dates():
-    from haven.deid.audit import pixel_text_variants
+    from haven.deid.scan import pixel_text_variants
 
     text = pixel_text_variants("DOB: 08/29/1951  DOE,JOHN")
     assert "19510829" in text and "doe john" in text.lower()

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 
 from haven import demo, shards
-from haven.deid.anonymize import anonymize
-from haven.deid.audit import audit
-from haven.ingest import ingest
+from deidrun import anonymize_into, audit_of, merge_into
+from haven.ingest import ingest, merge_ingest
 
 KEY = b"k" * 32
 
@@ -35,11 +34,11 @@ def _sharded(root: Path, source: Path, labels: Path, n: int) -> Path:
     out = root / f"n{n}"
     for i in range(n):
         ingest(source, out / "ingest" / "shards" / str(i), labels=labels, label_key="accession", shard=(i, n))
-    shards.merge_ingest([out / "ingest" / "shards" / str(i) for i in range(n)], out / "ingest")
+    merge_ingest([out / "ingest" / "shards" / str(i) for i in range(n)], out / "ingest")
     for i in range(n):
-        anonymize(source, out / "ingest", out / "anonymize" / "shards" / str(i), KEY, shard=(i, n),
-                  data_dir=out / "anonymize" / "data" / str(i))
-    shards.merge_anonymize([out / "anonymize" / "shards" / str(i) for i in range(n)], out / "anonymize")
+        anonymize_into(source, out / "ingest", out / "anonymize" / "shards" / str(i), KEY, shard=(i, n),
+                       data=out / "anonymize" / "data" / str(i))
+    merge_into([out / "anonymize" / "shards" / str(i) for i in range(n)], out / "anonymize")
     return out
 
 
@@ -87,10 +86,10 @@ def test_any_shard_count_gives_the_same_result(cohort):
     assert log["input_index"].astype(int).tolist() == list(range(len(log)))
     assert set(log["output"].dropna()) == set(mb["file"])
     # and the gate holds on the sharded layout
-    result = audit(three / "anonymize", three / "ingest")
+    result = audit_of(three / "anonymize", three / "ingest")
     assert result["passed"] and result["files"] == 36, result["findings"][:5]
 
 
 def test_merge_names_a_missing_shard(tmp_path):
     with pytest.raises(FileNotFoundError, match="re-run the ingest shard"):
-        shards.merge_ingest([tmp_path / "0"], tmp_path / "out")
+        merge_ingest([tmp_path / "0"], tmp_path / "out")

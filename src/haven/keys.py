@@ -42,6 +42,14 @@ def load_key(key_file: str | os.PathLike | None = None, key_env: str | None = No
     return key
 
 
+def stage_key(key_file: str | os.PathLike | None, key_env: str | None, demo_key: bool = False) -> bytes:
+    """The key a stage runs with (its settings' ``key_file``, ``key_env``, ``demo_key``): a demo
+    project creates its key file on first use, unless the key comes from the environment."""
+    if demo_key and key_file and not (key_env and os.environ.get(key_env)):
+        create_key(key_file)
+    return load_key(key_file, key_env)
+
+
 def create_key(path: str | os.PathLike) -> Path:
     """Write a new random key to ``path`` (mode 0600) unless one already exists.
 
@@ -99,7 +107,12 @@ def uid(key: bytes, original: str) -> str:
     return f"2.25.{n}"
 
 
-def day_shift(key: bytes, patient: str, max_days: int = 3650) -> int:
-    """A per-patient date shift in days, in [-max_days, -1], derived from the key."""
+def day_shift(key: bytes, patient: str, max_days: int | None = None) -> int:
+    """A per-patient date shift in days, in [-max_days, -1], derived from the key (``max_days``:
+    ``anonymize.max_shift_days``, the schema's default when not given)."""
+    if max_days is None:
+        from haven.config import section_defaults
+
+        max_days = section_defaults("anonymize")["max_shift_days"]
     n = int.from_bytes(digest(key, "dateshift", patient)[:8], "big")
     return -(1 + n % max_days)

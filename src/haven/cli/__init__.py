@@ -20,25 +20,17 @@ from haven.cli import admin, deid, ingest, learn, report, track, trust
 MODULES = (admin, ingest, deid, learn, trust, report, track)
 
 
-def cmd_merge(args) -> int:
-    """`haven merge STAGE`: each stage merges its own shards."""
-    return (ingest.cmd_merge if args.stage == "ingest" else deid.cmd_merge)(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haven", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in MODULES:
         module.add_commands(sub)
-    p = sub.add_parser("merge", help="merge the tables of ingest or anonymize shards into the stage's outputs")
-    p.add_argument("stage", choices=["ingest", "anonymize"])
-    p.add_argument("out", help="the stage's output folder")
-    p.add_argument("shards", nargs="+", help="the shards' output folders")
-    p.add_argument("--params", help="ingest: the label settings as JSON (to count label rows no file matched)")
-    p.add_argument("--config", help="config file (instead of --params)")
-    p.add_argument("--project", help="project name in the config (with --config)")
-    p.set_defaults(func=cmd_merge)
+    # each stage merges its own shards: `haven merge ingest ...`, `haven merge anonymize ...`
+    merge = sub.add_parser("merge", help="merge the tables of ingest or anonymize shards into the stage's outputs")
+    stages = merge.add_subparsers(dest="stage", required=True)
+    ingest.add_merge_command(stages)
+    deid.add_merge_command(stages)
     return parser
 
 

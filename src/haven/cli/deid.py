@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,43 +12,28 @@ from haven.cli.common import settings, stage_args
 log = logging.getLogger("haven")
 
 
-def _key(s: dict) -> bytes:
-    from haven.keys import create_key, load_key
-
-    if s.get("demo_key") and s.get("key_file") and not (s.get("key_env") and os.environ.get(s["key_env"])):
-        create_key(s["key_file"])
-    return load_key(s.get("key_file"), s.get("key_env"))
-
-
 def cmd_anonymize(args) -> int:
     from haven.deid.anonymize import anonymize
+    from haven.keys import stage_key
     from haven.shards import parse_shard
 
     s = settings(args)
-    summary = anonymize(Path(args.source), Path(args.ingest), Path(args.out), _key(s), s.get("anonymize", {}),
-                        shard=parse_shard(args.shard), data_dir=Path(args.data) if args.data else None)
+    key = stage_key(s.get("key_file"), s.get("key_env"), bool(s.get("demo_key")))
+    summary = anonymize(Path(args.source), Path(args.ingest_manifest), key, data=Path(args.data),
+                        manifest=Path(args.manifest), log_csv=Path(args.log), quarantine=Path(args.quarantine),
+                        options=s["anonymize"], shard=parse_shard(args.shard))
     print(json.dumps(summary))
     return 0
 
 
 def cmd_audit(args) -> int:
-    from haven.deid.audit import audit, write_audit_result
+    from haven.deid.audit import gate
 
-    anon = Path(args.anonymized)
     s = settings(args)
-    options = s["anonymize"]
-    pixels = options.get("pixels") or {}
-    result = audit(anon, Path(args.ingest), ocr_modalities=pixels.get("modalities"),
-                   ocr=pixels.get("clean", "auto") != "off",
-                   clean_descriptors=bool(options.get("clean_descriptors")),
-                   retain_uids=bool(options.get("retain_uids")),
-                   safe_private=options.get("safe_private") or None,
-                   deface=options.get("deface") or None)
-    passed = result["passed"]
-    target = anon / ("audit.json" if passed else "audit.failed.json")
-    (anon / ("audit.failed.json" if passed else "audit.json")).unlink(missing_ok=True)
-    write_audit_result(result, target)
-    if not passed:
+    result, target = gate([Path(d) for d in args.data], Path(args.manifest), Path(args.log),
+                          Path(args.identifiers), Path(args.ingest_manifest), Path(args.result),
+                          options=s["anonymize"], data_root=Path(args.data_root) if args.data_root else None)
+    if not result["passed"]:
         for f in result["findings"][:50]:
             print(f"LEAK {f['file']}: {f['where']} ({f.get('kind', '')})", file=sys.stderr)
         print(f"audit FAILED: {len(result['findings'])} finding(s) in {result['files']} file(s); "
@@ -60,24 +44,52 @@ def cmd_audit(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from haven import shards
+    """`haven merge anonymize`: the shards' tables, given file by file, as the stage's three tables."""
+    from haven.deid.anonymize import ShardTables, merge
 
-    print(json.dumps(shards.merge_anonymize([Path(d) for d in args.shards], Path(args.out))))
+    lists = (args.shard_data, args.shard_manifests, args.shard_logs, args.shard_quarantines)
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError("haven merge anonymize: give one --shard-data, --shard-manifests, --shard-logs "
+                         "and --shard-quarantines entry per shard, in the same order")
+    shards = [ShardTables(Path(d).name, Path(m), Path(lg), Path(q)) for d, m, lg, q in zip(*lists)]
+    print(json.dumps(merge(shards, manifest=Path(args.manifest), log_csv=Path(args.log),
+                           quarantine=Path(args.quarantine))))
     return 0
+
+
+def add_merge_command(stages) -> None:
+    """`haven merge anonymize`: every file named, the shards' in shard order."""
+    p = stages.add_parser("anonymize", help="the anonymize shards' tables as one manifest, log and quarantine list")
+    p.add_argument("--manifest", required=True, help="the merged pseudonymous manifest to write")
+    p.add_argument("--log", required=True, help="the merged anonymization log to write")
+    p.add_argument("--quarantine", required=True, help="the merged quarantine list to write")
+    p.add_argument("--shard-data", nargs="+", required=True,
+                   help="the shards' data folders, in shard order (their names prefix the files' paths)")
+    p.add_argument("--shard-manifests", nargs="+", required=True, help="the shards' manifests, in shard order")
+    p.add_argument("--shard-logs", nargs="+", required=True, help="the shards' anonymization logs, in shard order")
+    p.add_argument("--shard-quarantines", nargs="+", required=True, help="the shards' quarantine lists, in shard order")
+    p.set_defaults(func=cmd_merge)
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("anonymize", help="de-identify every ingested file (keyed pseudonyms, date shifts)")
-    p.add_argument("source")
-    p.add_argument("ingest", help="the ingest stage's output folder")
-    p.add_argument("out")
+    p.add_argument("source", help="the source folder the ingest manifest's paths are relative to")
+    p.add_argument("--ingest-manifest", required=True, help="the ingest stage's manifest.csv")
+    p.add_argument("--data", required=True, help="folder for the de-identified files")
+    p.add_argument("--manifest", required=True, help="the pseudonymous manifest to write")
+    p.add_argument("--log", required=True, help="the anonymization log to write (no identifiers)")
+    p.add_argument("--quarantine", required=True, help="the quarantine list to write (input rows, reasons)")
     p.add_argument("--shard", help="I/N: only the inputs of shard I of N (merge the shards with `haven merge`)")
-    p.add_argument("--data", help="folder for the de-identified files (default: OUT/data)")
     stage_args(p)
     p.set_defaults(func=cmd_anonymize)
     p = sub.add_parser("audit", help="re-scan anonymized output for any original identifier; exit 1 on a leak")
-    p.add_argument("anonymized")
-    p.add_argument("--ingest", required=True, help="the ingest stage's output folder (identifiers seen)")
+    p.add_argument("--data", required=True, nargs="+", help="the folders of de-identified files")
+    p.add_argument("--data-root", help="the folder the manifest's paths start in (default: the one --data folder)")
+    p.add_argument("--manifest", required=True, help="the anonymize stage's manifest.csv")
+    p.add_argument("--log", required=True, help="the anonymize stage's anonymization.log.csv")
+    p.add_argument("--identifiers", required=True, help="the identifiers ingest saw (identifiers.csv)")
+    p.add_argument("--ingest-manifest", required=True, help="the ingest stage's manifest.csv")
+    p.add_argument("--result", required=True,
+                   help="audit.json, written when the audit passes (else NAME.failed.json beside it)")
     stage_args(p)  # optional: anonymize.pixels.modalities are the files whose pixel text is read (OCR)
     p.set_defaults(func=cmd_audit)
-

@@ -31,18 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 
 CODE = ("113102", "Clean Recognizable Visual Features Option")
-HEAD_PARTS = ("HEAD", "BRAIN", "SKULL", "HEADNECK", "HEADNECKCHEST")
-
-DEFAULTS = {
-    "enabled": False,
-    "modalities": ["MR"],
-    "body_parts": list(HEAD_PARTS),
-    "missing_body_part": "deface",
-    "min_slices": 16,
-    "buffer_mm": 10.0,
-    "grid_mm": 2.0,
-    "brain_ml": [300.0, 2500.0],
-}
 
 
 class DefaceError(Exception):
@@ -51,9 +39,10 @@ class DefaceError(Exception):
 
 
 def options(given: dict | None) -> dict:
-    from haven.config import with_defaults
+    """``anonymize.deface`` checked, what it leaves out from the schema's defaults."""
+    from haven.config import section_defaults, with_defaults
 
-    opts = with_defaults(given, DEFAULTS, "anonymize.deface")
+    opts = with_defaults(given, section_defaults("anonymize", "deface"), "anonymize.deface")
     opts["modalities"] = [str(m).upper() for m in opts["modalities"]]
     opts["body_parts"] = [str(b).upper() for b in opts["body_parts"]]
     if opts["missing_body_part"] not in ("deface", "skip"):

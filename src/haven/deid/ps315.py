@@ -60,7 +60,7 @@ def _keyword(tag: str, name: str) -> str:
 
 
 def generate(path: Path, edition: str = EDITION) -> tuple[int, int]:
-    from haven.deid.anonymize import load_profile
+    from haven.deid.table import load_profile
 
     current = load_profile(path)
     table = standard_table(edition)
@@ -79,7 +79,7 @@ def generate(path: Path, edition: str = EDITION) -> tuple[int, int]:
         "# Compound actions resolved as X/Z->Z, X/D->D, Z/D->D, X/Z/D->D, X/Z/U*->U.",
         f"# {len(table)} attributes of the {edition} table, {kept} more from earlier editions (retired there).",
         "# Option overrides (Retain Device Identity / Patient Characteristics / Longitudinal Modified Dates,",
-        "# Clean Descriptors, Retain UIDs) live in haven/anonymize.py.",
+        "# Clean Descriptors, Retain UIDs) live in haven/deid/table.py.",
     ]
     buf = [*header, "tag,keyword,action"]
     for tag in sorted(rows):
@@ -90,14 +90,14 @@ def generate(path: Path, edition: str = EDITION) -> tuple[int, int]:
 
 
 def missing(path: Path, edition: str = EDITION) -> list[str]:
-    from haven.deid.anonymize import load_profile
+    from haven.deid.table import load_profile
 
     have = load_profile(path)
     return [t for t in standard_table(edition) if t not in have]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from haven.deid.anonymize import PROFILE_PATH
+    from haven.deid.table import PROFILE_PATH
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")

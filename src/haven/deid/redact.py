@@ -32,18 +32,6 @@ import numpy as np
 
 from haven.deid import dicomraw
 
-DEFAULT_PIXEL_OPTIONS = {
-    "clean": "auto",  # auto: BurnedInAnnotation=YES or a modality below; all; off
-    "modalities": ["US", "SC", "OT", "XC", "ES"],
-    "rectangles": [],
-    "outside_us_regions": True,
-    "ocr": True,
-    "ocr_scale": 1,
-    "min_confidence": 40,  # words of two or more letters/digits read at this confidence (0-100) or above are blacked out
-    "verify_confidence": 60,  # text still read at this confidence after cleaning: quarantine
-    "pad": 3,
-    "frames": 3,
-}
 MATCH_KEYS = ("Manufacturer", "ManufacturerModelName", "Modality", "Rows", "Columns", "StationName",
               "SoftwareVersions")
 BORDER = 10  # light pixels added around a frame before OCR
@@ -56,9 +44,10 @@ class PixelCleanError(Exception):
 
 
 def options(given: dict | None) -> dict:
-    from haven.config import with_defaults
+    """``anonymize.pixels`` checked, what it leaves out from the schema's defaults."""
+    from haven.config import section_defaults, with_defaults
 
-    opts = with_defaults(given, DEFAULT_PIXEL_OPTIONS, "anonymize.pixels")
+    opts = with_defaults(given, section_defaults("anonymize", "pixels"), "anonymize.pixels")
     if opts["clean"] not in ("auto", "all", "off"):
         raise ValueError("anonymize.pixels.clean must be auto, all or off")
     for i, rect in enumerate(opts["rectangles"]):
@@ -78,7 +67,7 @@ def ocr_available() -> bool:
     if shutil.which("tesseract") is None:
         return False
     try:
-        import pytesseract  # noqa: F401
+        __import__("pytesseract")  # importable, not used here
     except ImportError:
         return False
     return True
@@ -200,14 +189,7 @@ def clean_pixels(ds, opts: dict) -> int:
 
     us = ds.get("SequenceOfUltrasoundRegions") if opts["outside_us_regions"] else None
     if us:
-        inside = np.zeros((rows, cols), dtype=bool)
-        for item in us:
-            try:
-                x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
-                x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
-            except Exception:
-                continue
-            inside[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
+        inside = _inside_regions(us, rows, cols)
         if inside.any():
             mask |= ~inside
             regions += 1
@@ -227,33 +209,56 @@ def clean_pixels(ds, opts: dict) -> int:
     if not use_ocr and not explicit and not us:
         raise PixelCleanError("burned-in text may be present and neither OCR nor a rectangle for this "
                               "device applies: enable anonymize.pixels.ocr or add a rectangle")
-    scale = int(opts["ocr_scale"])
     if use_ocr:
-        # read, black out, read again: a word half-read next to a blacked-out one is read in
-        # the next round; the last round must read nothing legible
-        pad, min_conf = int(opts["pad"]), float(opts["min_confidence"])
-        frames = sample_frames(n, int(opts["frames"]))
-        for round_ in range(ROUNDS + 1):
-            found = left = 0
-            for f in frames:
-                for word, conf, (x0, y0, x1, y1) in read_words(ocr_gray(stack[f], photometric), scale):
-                    if _is_text(word, conf, min_conf):
-                        mask[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad] = True
-                        found += 1
-                        if conf >= float(opts["verify_confidence"]) and sum(ch.isalnum() for ch in word) >= 3:
-                            left += 1
-            if not found:
-                break
-            if round_ == ROUNDS:
-                if left:
-                    raise PixelCleanError(f"burned-in text still read after {ROUNDS} rounds of cleaning "
-                                          f"({left} word(s)): add a rectangle for this device "
-                                          f"(anonymize.pixels.rectangles)")
-                break
-            regions += found
-            apply()
+        regions += _ocr_rounds(stack, mask, photometric, opts, apply)
+    _store(ds, stack if n > 1 else stack[0], photometric)
+    return regions
 
-    out = stack if n > 1 else stack[0]
+
+def _inside_regions(us, rows: int, cols: int) -> np.ndarray:
+    """The pixels inside the union of the Sequence of Ultrasound Regions."""
+    inside = np.zeros((rows, cols), dtype=bool)
+    for item in us:
+        try:
+            x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
+            x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
+        except Exception:
+            continue
+        inside[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
+    return inside
+
+
+def _ocr_rounds(stack: np.ndarray, mask: np.ndarray, photometric: str, opts: dict, apply) -> int:
+    """Read, black out, read again: a word half-read next to a blacked-out one is read in the next
+    round; the last round must read nothing legible.  Returns the words blacked out."""
+    scale = int(opts["ocr_scale"])
+    pad, min_conf = int(opts["pad"]), float(opts["min_confidence"])
+    frames = sample_frames(stack.shape[0], int(opts["frames"]))
+    regions = 0
+    for round_ in range(ROUNDS + 1):
+        found = left = 0
+        for f in frames:
+            for word, conf, (x0, y0, x1, y1) in read_words(ocr_gray(stack[f], photometric), scale):
+                if _is_text(word, conf, min_conf):
+                    mask[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad] = True
+                    found += 1
+                    if conf >= float(opts["verify_confidence"]) and sum(ch.isalnum() for ch in word) >= 3:
+                        left += 1
+        if not found:
+            break
+        if round_ == ROUNDS:
+            if left:
+                raise PixelCleanError(f"burned-in text still read after {ROUNDS} rounds of cleaning "
+                                      f"({left} word(s)): add a rectangle for this device "
+                                      f"(anonymize.pixels.rectangles)")
+            break
+        regions += found
+        apply()
+    return regions
+
+
+def _store(ds, out: np.ndarray, photometric: str) -> None:
+    """The cleaned pixels written back uncompressed, BurnedInAnnotation NO."""
     if photometric.startswith("YBR"):
         photometric = "RGB"  # pydicom decodes YBR colour to RGB
     bits = int(ds.get("BitsStored", out.dtype.itemsize * 8) or out.dtype.itemsize * 8)
@@ -266,4 +271,3 @@ def clean_pixels(ds, opts: dict) -> int:
         raise PixelCleanError("big-endian pixel data cannot be re-encoded after cleaning: convert the "
                               "file to little endian first (e.g. dcmtk's `dcmconv +te`)") from None
     ds.BurnedInAnnotation = "NO"
-    return regions

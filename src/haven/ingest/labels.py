@@ -1,0 +1,110 @@
+"""Labels: every accepted file needs one, from its class folder or from a label table.
+
+Without a table a file's label is the name of its parent folder (the class subfolder); files
+directly in the source are quarantined.  A table (CSV) is keyed by one manifest field
+(``label_key``: accession, patient_id or path) and gives the label in ``label_column``; a file
+without a row is quarantined.  An optional ``patient`` column gives images their patient id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from haven.sources.base import Quarantine
+
+LABEL_KEYS = ("accession", "patient_id", "path")
+
+
+def load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple[dict, dict, str]:
+    """Read the label table: ({key: label}, {key: patient}, key field).  Raises ValueError."""
+    import pandas as pd
+
+    labels = Path(labels)
+    if not labels.is_file():
+        raise ValueError(f"labels file {labels} not found: fix `labels` in the config or create the file")
+    try:
+        table = pd.read_csv(labels, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            encoding="utf-8-sig")  # utf-8-sig: spreadsheets often add a BOM
+    except Exception as e:
+        raise ValueError(f"labels file {labels} cannot be read as CSV ({type(e).__name__}: {e})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if label_key is None:
+        first = table.columns[0] if len(table.columns) else ""
+        if first not in LABEL_KEYS:
+            raise ValueError(
+                f"labels file {labels}: no `label_key` given and its first column {first!r} is not "
+                f"one of {', '.join(LABEL_KEYS)}: set `label_key` in the config"
+            )
+        label_key = first
+    if label_key not in LABEL_KEYS:
+        raise ValueError(
+            f"label_key {label_key!r} for {labels} is not a manifest field it can be keyed by: "
+            f"use one of {', '.join(LABEL_KEYS)}"
+        )
+    for col, what in ((label_key, "label_key"), (label_column, "label_column")):
+        if col not in table.columns:
+            raise ValueError(
+                f"labels file {labels} has no column {col!r} (it has: {', '.join(table.columns) or 'none'}): "
+                f"add the column or set `{what}` in the config to the right column name"
+            )
+    keys = table[label_key].astype(str).str.strip()
+    if label_key == "path":
+        keys = keys.map(norm_rel)
+    values = table[label_column].astype(str).str.strip()
+    patients = table["patient"].astype(str).str.strip() if "patient" in table.columns else None
+    out: dict[str, str] = {}
+    pat: dict[str, str] = {}
+    first_row: dict[str, int] = {}
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if not k or not v:
+            continue
+        if k in out and out[k] != v:
+            raise ValueError(
+                f"labels file {labels}: rows {first_row[k] + 2} and {i + 2} give the same "
+                f"{label_key} different labels: keep one row per {label_key}"
+            )
+        out[k] = v
+        first_row.setdefault(k, i)
+        if patients is not None and patients.iloc[i]:
+            pat[k] = patients.iloc[i]
+    return out, pat, label_key
+
+
+def norm_rel(p: str) -> str:
+    p = p.replace("\\", "/").strip()
+    while p.startswith("./"):
+        p = p[2:]
+    return str(PurePosixPath(p)) if p else ""
+
+
+class Labels:
+    """The label of each file: :meth:`apply` sets it on a manifest row or raises Quarantine."""
+
+    def __init__(self, table: Path | None, label_key: str | None, label_column: str):
+        self.table = self.patients = self.key_field = None
+        self.name = ""
+        if table is not None:
+            self.table, self.patients, self.key_field = load_labels(Path(table), label_key, label_column)
+            self.name = Path(table).name
+
+    def key(self, row: dict) -> str:
+        """The row's key into the table (``key_field`` must be set)."""
+        return norm_rel(row["path"]) if self.key_field == "path" else row[self.key_field]
+
+    def apply(self, row: dict, ids: list[tuple[str, str]]) -> None:
+        """Set ``row["label"]`` (and an image's patient from the table, recorded in ``ids``)."""
+        if self.table is None:
+            parent = PurePosixPath(row["path"]).parent
+            if str(parent) in ("", "."):
+                raise Quarantine("no label: the file is not in a class folder and no labels table was given")
+            row["label"] = parent.name
+            return
+        key = self.key(row)
+        if not key:
+            raise Quarantine(f"no {self.key_field} in the file to look up its label in {self.name}")
+        if key not in self.table:
+            raise Quarantine(f"no label for this file in {self.name}")
+        row["label"] = self.table[key]
+        if row["kind"] == "image" and key in self.patients:
+            row["patient_id"] = self.patients[key]
+            ids.append(("labels:patient", self.patients[key]))

@@ -1,0 +1,144 @@
+"""The ingest stage: walk a source folder, read every file of the shard, write the three tables.
+
+Reading a file is its reader's business (:func:`haven.sources.read_header`); here are the walk,
+the labels, the duplicate check and the bookkeeping of what was accepted or quarantined and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from haven import sources
+from haven.ingest.labels import Labels
+from haven.ingest.tables import IDENTIFIER_COLUMNS, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, Tables
+from haven.io import atomic_write_text, csv_text
+from haven.shards import shard_of
+from haven.sources.base import Quarantine
+
+log = logging.getLogger(__name__)
+
+
+def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_key: str | None = None,
+           label_column: str | None = None, *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Walk ``source`` into the manifest, identifiers and quarantine list of ``out`` (:class:`Tables`,
+    or a folder: its ``{manifest,identifiers,quarantine}.csv``).
+
+    Labels (:mod:`haven.ingest.labels`): without a label table every file's label is the name of
+    its parent folder; with ``labels`` (a CSV), ``label_key`` names the manifest field it is keyed
+    by (``accession``, ``patient_id`` or ``path``; None: the table's first column if it is one of
+    these) and ``label_column`` the label (None: the schema's default).  ``check_pixels`` decodes
+    every DICOM's pixel data once so that undecodable files are quarantined here rather than later.
+    ``shard=(i, n)`` reads only the files of shard i of n (:func:`haven.shards.shard_of`); the
+    shards' outputs are merged by :func:`haven.ingest.merge_ingest`.
+
+    Returns ``{"files", "accepted", "quarantined", "patients"}``.
+    """
+    source, out = Path(source), Tables.of(out)
+    if not source.is_dir():
+        raise ValueError(f"source {source} is not a folder: fix `source` in the config")
+    if label_column is None:
+        from haven.config import section_defaults
+
+        label_column = section_defaults("label_column")
+    labeller = Labels(labels, label_key, label_column)
+    # outputs written inside the source are not part of it
+    root = source.resolve()
+    skip = {p for p in (Path(f).parent.resolve() for f in (out.manifest, out.identifiers, out.quarantine))
+            if p.is_relative_to(root)}
+    index, shards = shard
+    keep = (lambda rel: shard_of(rel, shards) == index) if shards > 1 else None
+
+    manifest, quarantine, identifiers = _read_all(_iter_files(source, skip, keep), labeller, check_pixels)
+
+    atomic_write_text(out.manifest, csv_text(MANIFEST_COLUMNS, manifest))
+    atomic_write_text(out.identifiers, csv_text(IDENTIFIER_COLUMNS, identifiers))
+    atomic_write_text(out.quarantine, csv_text(QUARANTINE_COLUMNS, quarantine))
+    summary = {
+        "files": len(manifest) + len(quarantine),
+        "accepted": len(manifest),
+        "quarantined": len(quarantine),
+        "patients": len({r["patient_id"] for r in manifest}),
+    }
+    log.info("ingest %s: %d files, %d accepted, %d quarantined, %d patients", source,
+             summary["files"], summary["accepted"], summary["quarantined"], summary["patients"])
+    return summary
+
+
+def _read_all(files, labeller: Labels, check_pixels: bool) -> tuple[list[dict], list[dict], list[dict]]:
+    """(manifest rows, quarantine rows, identifier rows) of the walk's ``files``."""
+    manifest: list[dict] = []
+    quarantine: list[dict] = []
+    identifiers: list[dict] = []
+    seen_ids: set[tuple[str, str, str]] = set()
+    seen_sops: dict[str, str] = {}
+    with sources.quiet():
+        for path, rel, problem in files:
+            try:
+                if problem:
+                    raise Quarantine(problem)
+                row, ids = sources.read_header(path, rel, check_pixels)
+                labeller.apply(row, ids)
+                sop = row["sop_uid"]
+                if sop and sop in seen_sops:
+                    # the same instance twice (a copy, a link): downstream names derive from its UID
+                    raise Quarantine(f"duplicate: same SOPInstanceUID as {seen_sops[sop]}")
+                if sop:
+                    seen_sops[sop] = rel
+            except Quarantine as q:
+                quarantine.append({"path": rel, "reason": str(q)})
+                continue
+            except Exception as e:  # never crash on one file
+                quarantine.append({"path": rel, "reason": sources.reason(e, path)})
+                continue
+            manifest.append(row)
+            pid = row["patient_id"]
+            for tag, value in ids:
+                if (pid, tag, value) not in seen_ids:
+                    seen_ids.add((pid, tag, value))
+                    identifiers.append({"patient_id": pid, "tag": tag, "value": value})
+    return manifest, quarantine, identifiers
+
+
+def _iter_files(source: Path, skip: set[Path], keep=None):
+    """(path, relative posix path, symlink problem or None), sorted, hidden names and the folders
+    ``skip`` (resolved) skipped; with ``keep(rel)`` only those paths (a shard's files: the others
+    are not even stat'ed)."""
+    root = source.resolve()
+    found = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as it:
+            entries = list(it)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            rel = prefix + e.name
+            if e.is_dir(follow_symlinks=False):
+                if skip and Path(e.path).resolve() in skip:
+                    continue
+                walk(e.path, rel + "/")
+                continue
+            if keep is not None and not keep(rel):
+                continue
+            problem = None
+            if e.is_symlink():
+                try:
+                    target = Path(e.path).resolve(strict=True)
+                except (OSError, RuntimeError):
+                    problem = "broken symbolic link"
+                else:
+                    if target.is_dir():
+                        problem = "symbolic link to a folder: not followed"
+                    elif not target.is_relative_to(root):
+                        problem = "symbolic link to a file outside the source: not followed"
+                    elif not target.is_file():
+                        problem = "symbolic link to something that is not a file"
+            elif not e.is_file(follow_symlinks=False):
+                problem = "not a regular file"
+            found.append((Path(e.path), rel, problem))
+
+    walk(str(source), "")
+    found.sort(key=lambda r: r[1])
+    return found

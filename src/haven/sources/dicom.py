@@ -1,0 +1,253 @@
+"""DICOM: Part 10 files (with the 128-byte preamble) and bare datasets, read by pydicom.
+
+Ingest reads every header of a cohort, so the common case is fast: a file in native little-endian
+transfer syntax gets its File Meta Information parsed here (:func:`_read_native`, as pydicom reads
+it), its values decoded from the raw bytes (:mod:`haven.sources.dicomheader`), and its pixel data
+checked by length instead of decoded.  Everything else goes through ``pydicom.dcmread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from haven.sources.base import BY_CONTENT, GUESS, NO, NotMine, Quarantine, Reader, reason
+from haven.sources.dicomheader import age_years, codec_of, identifiers, text, uint
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM stream without preamble starts with a group 0002 or 0008 tag (either byte order)."""
+    if len(head) < 8:
+        return False
+    le = int.from_bytes(head[:2], "little")
+    be = int.from_bytes(head[:2], "big")
+    return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
+
+
+_NATIVE_LE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # syntax -> implicit VR
+
+
+def _read_native(fh):
+    """A Part 10 file in Implicit or Explicit VR Little Endian, read as pydicom reads it but with
+    the File Meta Information parsed here (pydicom's own meta reader costs as much as the rest of
+    a small header); None for anything else (the caller uses ``dcmread``)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+    from pydicom.tag import BaseTag
+
+    from haven.deid.dicomraw import LONG_VRS
+
+    fh.seek(132)
+    meta = {}
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            return None
+        group, element = int.from_bytes(head[:2], "little"), int.from_bytes(head[2:4], "little")
+        if group != 2:
+            fh.seek(-8, 1)
+            break
+        vr = head[4:6]
+        if not (b"AA" <= vr <= b"ZZ"):
+            return None  # a meta group not in explicit VR: pydicom knows how to cope
+        if vr.decode("latin-1") in LONG_VRS:
+            length = int.from_bytes(fh.read(4), "little")
+        else:
+            length = int.from_bytes(head[6:8], "little")
+        if length == 0xFFFFFFFF or length > 1 << 16:
+            return None
+        tag = BaseTag(group << 16 | element)
+        value = fh.read(length)
+        if len(value) < length:
+            return None
+        meta[tag] = RawDataElement(tag, vr.decode(), length, value, 0, False, True)
+    ts = meta.get(0x00020010)
+    implicit = _NATIVE_LE.get(ts.value.rstrip(b"\x00 ").decode("latin-1")) if ts is not None else None
+    if implicit is None or head[:2] == b"\x00\x00":
+        return None  # compressed, big endian, deflated, no syntax, or a command set: pydicom's reader
+    ds = read_dataset(fh, implicit, True)
+    ds.file_meta = FileMetaDataset(meta)
+    return ds
+
+
+def _read_dicom(source, has_preamble: bool, check_pixels: bool, path: Path):
+    import pydicom
+    from pydicom import uid
+
+    ds = None
+    if has_preamble:
+        try:
+            ds = _read_native(source)
+        except Exception:
+            ds = None
+        if ds is None or len(ds) == 0:
+            source.seek(0)
+            ds = None
+    if ds is None:
+        ds = pydicom.dcmread(source, force=not has_preamble)
+    if not has_preamble and not ("SOPClassUID" in ds or "PatientID" in ds):
+        raise NotMine()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # no file meta (bare dataset): the reader detected the encoding; name it so pixels decode
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is not None:
+            ds.file_meta.TransferSyntaxUID = (
+                uid.ImplicitVRLittleEndian if implicit
+                else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+            )
+    if len(ds) == 0:
+        raise Quarantine("DICOM file with no data elements after the header (truncated or empty)")
+    if "PixelData" not in ds:
+        raise Quarantine("no pixel data")
+    for kw in ("Rows", "Columns"):
+        if not uint(ds, kw):
+            raise Quarantine(f"pixel data without {kw}")
+    if check_pixels:
+        _check_pixels(ds, path)
+    return ds
+
+
+@functools.lru_cache(maxsize=64)
+def _is_native(transfer_syntax: str) -> bool:
+    from pydicom.uid import UID
+
+    ts = UID(transfer_syntax)
+    return bool(transfer_syntax) and ts.is_transfer_syntax and not ts.is_compressed
+
+
+def _check_pixels(ds, path: Path) -> None:
+    """Quarantine pixel data that preprocess could not decode.  Compressed (encapsulated) data is
+    decoded once; native data needs no decoder, so checking that it holds every byte the image
+    description asks for is the same test without the cost of building the array."""
+    ts = ds.file_meta.get("TransferSyntaxUID", "") or ""
+    native = _is_native(str(ts)) and 0x7FE00008 not in ds._dict and 0x7FE00009 not in ds._dict
+    if native:
+        try:
+            rows, cols, bits = uint(ds, "Rows") or 0, uint(ds, "Columns") or 0, uint(ds, "BitsAllocated") or 0
+            samples = uint(ds, "SamplesPerPixel") or 1
+            frames = int(text(ds, "NumberOfFrames") or 1)
+            photometric = text(ds, "PhotometricInterpretation")
+        except Exception as e:
+            raise Quarantine(f"pixel data without a usable image description: {reason(e, path)}") from None
+        if bits not in (1, 8, 16, 32, 64) or rows < 1 or cols < 1 or samples < 1 or frames < 1:
+            raise Quarantine("pixel data with an impossible image description")
+        expected = (rows * cols * samples * frames * bits + 7) // 8
+        if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+            expected = expected * 2 // 3
+        pixels = ds.get_item(0x7FE00010).value  # raw bytes, not converted
+        if pixels is None or len(pixels) < expected:
+            raise Quarantine(f"pixel data cannot be decoded: {len(pixels or b'')} bytes for an image of "
+                             f"{expected} bytes (truncated?)")
+        return
+    try:
+        ds.pixel_array  # noqa: B018 - decode once so that unreadable pixels are caught here
+    except Exception as e:
+        raise Quarantine(f"pixel data cannot be decoded: {reason(e, path)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Silence pydicom's warnings and log records: they may quote header values (PHI)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+class DicomReader(Reader):
+    kind = "dicom"
+    description = "DICOM"
+    in_series = True
+
+    def recognise(self, head: bytes, suffix: str, others: frozenset[str]) -> int:
+        if len(head) == 132 and head[128:132] == b"DICM":
+            return BY_CONTENT
+        # a bare dataset (no preamble) has no signature: a guess that gives way to a named image
+        if suffix not in others and _looks_like_bare_dicom(head):
+            return GUESS
+        return NO
+
+    def header(self, path: Path, rel: str, fh, head: bytes, *, check_pixels: bool):
+        fh.seek(0)  # read from the open file: one open per file
+        ds = _read_dicom(fh, len(head) == 132 and head[128:132] == b"DICM", check_pixels, path)
+        cs = codec_of(ds)
+
+        def value(kw):
+            return text(ds, kw, cs)
+
+        row = {
+            "patient_id": value("PatientID") or value("StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
+            "study_uid": value("StudyInstanceUID"),
+            "series_uid": value("SeriesInstanceUID"),
+            "sop_uid": value("SOPInstanceUID"),
+            "accession": value("AccessionNumber"),
+            "modality": value("Modality"),
+            "sex": value("PatientSex").upper(),
+            "age": age_years(ds, cs),
+            "site": value("InstitutionName"),
+            "rows": uint(ds, "Rows"),
+            "cols": uint(ds, "Columns"),
+        }
+        return row, list(identifiers(ds, codec=cs))
+
+    def pixels(self, path: Path, mode: str, windows: list[dict]) -> np.ndarray:
+        return decode_dicom(path, mode, windows)
+
+    def slice_position(self, path: str) -> tuple[float, float]:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["ImagePositionPatient", "InstanceNumber"])
+        try:
+            z = float(ds.ImagePositionPatient[2])
+        except Exception:
+            z = float("nan")
+        try:
+            number = float(ds.InstanceNumber)
+        except Exception:
+            number = float("nan")
+        return z, number
+
+    def quiet(self):
+        return _quiet_pydicom()
+
+
+def decode_dicom(path: Path, mode: str, windows: list[dict]) -> np.ndarray:
+    """DICOM → float32 (C, H, W) in [0, 1]: HU windows for ``ct``, VOI/min-max otherwise."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[frames // 2]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if arr.ndim == 3:  # colour
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else max(arr.max(), 1))
+        out = rgb.transpose(2, 0, 1)
+        return out.mean(axis=0, keepdims=True) if mode == "gray" else out
+    if mode == "ct":
+        hu = apply_modality_lut(arr, ds).astype(np.float32)
+        chans = [np.clip((hu - (w["center"] - w["width"] / 2)) / w["width"], 0.0, 1.0) for w in windows]
+        return np.stack(chans)
+    img = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32)
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    if photometric == "MONOCHROME1":
+        img = 1.0 - img
+    return img[None]
