@@ -88,14 +88,16 @@ def prepare_data(results: Path, project: str, size: int, scratch: Path, conf: di
     if not (anon / "audit.json").is_file():
         raise SystemExit(f"{anon}/audit.json missing: run the pipeline first (snakemake --profile profiles/local "
                          f"{results}/{project}/preprocess/stats.json)")
-    preprocess(anon, out, pre_cfg, seed=conf["seed"])
+    preprocess(anon, out, pre_cfg, seed=conf["seed"], task=conf["projects"][project]["task"])
     return out
 
 
 def run_arm(pre: Path, storage: Path, conf: dict, project: str, args, scheduler: str, seed: int,
             stop_at_target: bool) -> dict:
     """One search; returns its cost figures and its trials."""
-    from haven.learn.tune import allocated_cpus, run_search, trial_tables
+    from haven.learn.launch import allocated_cpus
+    from haven.learn.tasks import get_task
+    from haven.learn.tune import run_search, trial_tables
 
     p = conf["projects"][project]
     train_cfg = dict(p["train"], freeze_epochs=args.freeze_epochs)
@@ -108,7 +110,8 @@ def run_arm(pre: Path, storage: Path, conf: dict, project: str, args, scheduler:
                     search_space=WIDE_SPACE if args.space == "wide" else p["tune"]["search_space"])
     stop = TargetReached("val_accuracy", args.target).stopper if stop_at_target else None
     t0 = time.perf_counter()
-    grid, _ = run_search(pre, storage, p["model"], train_cfg, tune_cfg, seed=seed, stopper=stop, fresh=True,
+    grid, _ = run_search(pre / "train.zarr", pre / "val.zarr", pre / "stats.json", p["model"], train_cfg, tune_cfg,
+                         task=get_task(p["task"]), seed=seed, stopper=stop, fresh=True,
                          storage=storage / f"{scheduler}-{seed}")
     wall = time.perf_counter() - t0
     trials, history = trial_tables(grid, "val_accuracy", "max")

@@ -69,7 +69,7 @@ def main() -> None:
         rates = {}
         for workers in (1, 2):
             t = time.perf_counter()
-            preprocess(anon, tmp / f"out{workers}", dict(params, workers=workers))
+            preprocess(anon, tmp / f"out{workers}", dict(params, workers=workers), seed=42)
             rates[workers] = n / (time.perf_counter() - t)
     print(f"{n} CT slices ({nbytes / 1e6:.1f} MB), output {args.size}x{args.size}x3 windows")
     print(f"decode+window+resize in one process (no Dask): {decode:8.1f} samples/s  "

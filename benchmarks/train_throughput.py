@@ -54,7 +54,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from haven.learn.models import build_model
-    from haven.learn.train import ZarrSplit, normalize
+    from haven.learn.data import ZarrSplit, normalize
 
     dev = torch.device("cuda" if cuda else "cpu")
     model = build_model(args.model, 1000, weights=None).to(dev).to(memory_format=torch.channels_last)

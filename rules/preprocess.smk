@@ -3,6 +3,7 @@ rule preprocess:
     input:
         audit=P("anonymize/audit.json"),
         manifest=P("anonymize/manifest.csv"),
+        data=shard_paths("anonymize/data/{shard}"),
     output:
         train=directory(P("preprocess/train.zarr")),
         val=directory(P("preprocess/val.zarr")),
@@ -10,6 +11,7 @@ rule preprocess:
         splits=P("preprocess/splits.csv"),
         stats=P("preprocess/stats.json"),
     params:
+        data=P("anonymize/data"),  # the manifest's file paths start here: <shard>/<file> (inputs above)
         settings=settings("preprocess"),
     threads: lambda w: project(w)["preprocess"]["workers"]
     resources:
@@ -23,5 +25,6 @@ rule preprocess:
     conda:
         "../envs/preprocess.yaml"
     shell:
-        "haven preprocess $(dirname {input.manifest:q}) $(dirname {output.stats:q}) --workers {threads} "
-        "--params {params.settings:q} > {log:q} 2>&1"
+        "haven preprocess --manifest {input.manifest:q} --audit {input.audit:q} --data {params.data:q} "
+        "--train {output.train:q} --val {output.val:q} --test {output.test:q} --splits {output.splits:q} "
+        "--stats {output.stats:q} --workers {threads} --params {params.settings:q} > {log:q} 2>&1"

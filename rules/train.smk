@@ -5,12 +5,16 @@ rule train:
         train=P("preprocess/train.zarr"),
         val=P("preprocess/val.zarr"),
         stats=P("preprocess/stats.json"),
+        splits=P("preprocess/splits.csv"),
     output:
         model=P("train/model.pt"),
         history=P("train/history.csv"),
         run=P("train/run.json"),
     params:
         settings=settings("train"),
+        # holds checkpoints/last.pt (a killed run resumes from it): not an output, which Snakemake
+        # would delete before the re-run
+        workdir=P("train"),
     threads: lambda w: project(w)["train"]["threads"]
     resources:
         mem_mb=8000,
@@ -24,5 +28,6 @@ rule train:
     conda:
         "../envs/train.yaml"
     shell:
-        "haven train $(dirname {input.stats:q}) $(dirname {output.model:q}) --best-config {input.best:q} "
-        "--rule train --params {params.settings:q} > {log:q} 2>&1"
+        "haven train --train {input.train:q} --val {input.val:q} --stats {input.stats:q} --splits {input.splits:q} "
+        "--best-config {input.best:q} --model {output.model:q} --history {output.history:q} --summary {output.run:q} "
+        "--workdir {params.workdir:q} --rule train --params {params.settings:q} > {log:q} 2>&1"

@@ -5,6 +5,7 @@ rule tune:
         train=P("preprocess/train.zarr"),
         val=P("preprocess/val.zarr"),
         stats=P("preprocess/stats.json"),
+        splits=P("preprocess/splits.csv"),
     output:
         best=P("tune/best_config.yaml"),
         trials=P("tune/trials.csv"),
@@ -13,6 +14,9 @@ rule tune:
                     labels={"project": "{project}", "artefact": "search"}),
     params:
         settings=settings("tune"),
+        # Ray's search state and the trials' checkpoints (an interrupted search resumes from them);
+        # not an output: Snakemake would delete it before a re-run
+        storage=P("tune/ray"),
     threads: lambda w: project(w)["tune"]["cpus"]
     resources:
         mem_mb=8000,
@@ -31,5 +35,6 @@ rule tune:
     conda:
         "../envs/tune.yaml"
     shell:
-        "haven tune $(dirname {input.stats:q}) $(dirname {output.best:q}) --cpus {threads} --rule tune "
-        "--params {params.settings:q} > {log:q} 2>&1"
+        "haven tune --train {input.train:q} --val {input.val:q} --stats {input.stats:q} --splits {input.splits:q} "
+        "--best {output.best:q} --trials {output.trials:q} --history {output.history:q} --plot {output.plot:q} "
+        "--ray-storage {params.storage:q} --cpus {threads} --rule tune --params {params.settings:q} > {log:q} 2>&1"

@@ -8,6 +8,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from haven.learn import preprocess as pp
+from haven.sources.dicom import decode_dicom
 
 
 def _manifest(n_patients=30, per_patient=3, seed=0):
@@ -55,7 +56,7 @@ def _ct(path, hu_values):
 def test_ct_windowing_on_known_hounsfield_values(tmp_path):
     hu = np.array([[-1000, 0, 40, 80], [1000, 3000, 20, 60]] * 2)
     path = _ct(tmp_path / "ct.dcm", hu)
-    out = pp.decode_dicom(path, "ct", [{"center": 40, "width": 80}, {"center": 600, "width": 2800}])
+    out = decode_dicom(path, "ct", [{"center": 40, "width": 80}, {"center": 600, "width": 2800}])
     brain, bone = out
     # brain window W80/L40 spans 0..80 HU
     assert brain[0].tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0])
@@ -69,10 +70,10 @@ def test_ct_windowing_on_known_hounsfield_values(tmp_path):
 def test_preprocess_refuses_unaudited_data(tmp_path):
     (tmp_path / "manifest.csv").write_text("file,kind,patient,label\n")
     with pytest.raises(pp.AuditGateError, match="audit"):
-        pp.preprocess(tmp_path, tmp_path / "out", {})
+        pp.preprocess(tmp_path, tmp_path / "out", {}, seed=0)
     (tmp_path / "audit.json").write_text(json.dumps({"passed": False}))
     with pytest.raises(pp.AuditGateError, match="failed"):
-        pp.preprocess(tmp_path, tmp_path / "out", {})
+        pp.preprocess(tmp_path, tmp_path / "out", {}, seed=0)
 
 
 def test_preprocess_writes_zarr_shards(tmp_path):

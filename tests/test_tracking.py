@@ -59,7 +59,8 @@ def _split(path, n, seed, size=16):
 def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
     """A project's results folder as the stages leave it: preprocess, train (+ MLflow run),
     evaluate (into the train run) and a report page."""
-    from haven.learn.train import train
+    from haven.learn.tasks import get_task
+    from haven.learn.train import TrainFiles, train
 
     proj = results / name
     pre = proj / "preprocess"
@@ -72,16 +73,21 @@ def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
     (pre / "stats.json").write_text(json.dumps({"classes": ["empty", "square"], "data_manifest_hash": "da7a"}))
     tr = {"epochs": 1, "freeze_epochs": 0, "unfreeze": "all", "batch_size": 32, "lr": lr, "backbone_lr_factor": 1.0,
           "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_epochs": 0, "patience": 3, "threads": 1}
-    run = train(pre, proj / "train", {"backbone": "resnet10t", "weights": None}, tr, seed=0,
+    out = proj / "train"
+    files = TrainFiles(train=pre / "train.zarr", val=pre / "val.zarr", stats=pre / "stats.json", model=out / "model.pt",
+                       history=out / "history.csv", run=out / "run.json", workdir=out, splits=pre / "splits.csv")
+    run = train(files, {"backbone": "resnet10t", "weights": None}, tr, task=get_task("classification"), seed=0,
                 tracking={**tracking, "project": name, "experiment": f"haven-{name}", "data_hash": "da7a",
                           "tune_run_id": "tune-of-" + name})
     # what the evaluate stage leaves: metrics.json, and the test metrics in the train run
     import mlflow
 
-    from haven.learn.train import ZarrSplit, load_model, predict
+    from haven.learn.checkpoint import load_model
+    from haven.learn.data import ZarrSplit
+    from haven.learn.infer import predict
 
     model, _ = load_model(proj / "train" / "model.pt")
-    probs, y = predict(model, ZarrSplit(pre / "test.zarr"))
+    probs, y = predict(model, ZarrSplit(pre / "test.zarr"), get_task("classification"), "bf16")
     acc = float((probs.argmax(1) == y).mean())
     (proj / "evaluate").mkdir()
     (proj / "evaluate" / "metrics.json").write_text(json.dumps(

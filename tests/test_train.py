@@ -9,7 +9,9 @@ import pytest
 import torch
 import zarr
 
-from haven.learn.train import ZarrSplit, fit, warmup_cosine
+from haven.config import section_defaults
+from haven.learn.data import ZarrSplit
+from haven.learn.train import fit, warmup_cosine
 
 MODEL = {"backbone": "resnet18", "weights": None}
 TRAIN = {"epochs": 3, "freeze_epochs": 1, "unfreeze": "all", "batch_size": 16, "lr": 0.01,
@@ -79,15 +81,16 @@ def test_checkpoint_of_other_hyperparameters_is_not_resumed(data, tmp_path):
 
 
 def test_augment_is_per_sample_and_off_at_strength_zero():
-    from haven.learn.train import augment
+    from haven.learn.data import augment
 
+    off = section_defaults("train", "augment")  # every magnitude 0
     x = torch.zeros(64, 1, 8, 8)
     x[..., :4] = 1.0  # left half bright
-    flipped = augment(x, {"hflip": True}, 1.0, torch.Generator().manual_seed(0))
+    flipped = augment(x, {**off, "hflip": True}, 1.0, torch.Generator().manual_seed(0))
     left = flipped[..., :4].mean(dim=(1, 2, 3))
     assert 10 < int((left < 0.5).sum()) < 54  # some samples flipped, some not
-    assert torch.equal(augment(x, {"hflip": True, "rotate": 30}, 0.0), x)
-    again = augment(x, {"hflip": True}, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(augment(x, {**off, "hflip": True, "rotate": 30}, 0.0), x)
+    again = augment(x, {**off, "hflip": True}, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(flipped, again)
 
 
@@ -130,12 +133,12 @@ def test_data_parallel_ranks_share_the_epoch_and_stay_in_sync(data, tmp_path):
 
 def test_train_command_launches_torchrun_for_several_processes(data, tmp_path):
     train, val = data
-    pre = tmp_path / "pre"
-    pre.mkdir()
-    for name, src in (("train.zarr", train), ("val.zarr", val)):
-        (pre / name).symlink_to(src)
+    (tmp_path / "stats.json").write_text("{}")
+    out = tmp_path / "out"
     params = json.dumps({"model": MODEL, "train": dict(TRAIN, epochs=2), "seed": 3})
-    run = subprocess.run([sys.executable, "-m", "haven.cli", "train", str(pre), str(tmp_path / "out"), "--nproc", "2",
+    run = subprocess.run([sys.executable, "-m", "haven.cli", "train", "--train", str(train), "--val", str(val),
+                          "--stats", str(tmp_path / "stats.json"), "--model", str(out / "model.pt"),
+                          "--history", str(out / "history.csv"), "--summary", str(out / "run.json"), "--nproc", "2",
                           "--params", params], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

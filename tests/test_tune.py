@@ -18,6 +18,7 @@ import yaml
 import zarr
 
 from haven import config as cfg
+from haven.learn import launch as L
 from haven.learn import tune as T
 
 
@@ -73,14 +74,14 @@ def test_ray_gets_exactly_the_allocated_cpus_and_gpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert T.allocated_cpus() == 6
-    assert T.allocated_cpus(requested=4) == 4  # the rule's threads (Snakemake may scale them down)
+    assert L.allocated_cpus() == 6
+    assert L.allocated_cpus(requested=4) == 4  # the rule's threads (Snakemake may scale them down)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    assert T.allocated_cpus() == 16 and T.allocated_cpus(32) == 16
+    assert L.allocated_cpus() == 16 and L.allocated_cpus(32) == 16
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert T.allocated_gpus() == 2
+    assert L.allocated_gpus() == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert T.allocated_gpus() == 0
+    assert L.allocated_gpus() == 0
 
 
 def test_trials_that_cannot_fit_fail_fast():
@@ -93,12 +94,13 @@ def test_trials_that_cannot_fit_fail_fast():
 
 
 def test_multinode_slurm_job_starts_ray_on_every_node():
-    argv = ["tune", "results/x/preprocess", "results/x/tune", "--cpus", "8", "--rule", "tune", "--params", "{}"]
+    argv = ["tune", "--train", "results/x/preprocess/train.zarr", "--best", "results/x/tune/best_config.yaml",
+            "--cpus", "8", "--rule", "tune", "--params", "{}"]
     single = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1"}
-    assert T.slurm_multinode_command(argv, single) is None
+    assert L.slurm_multinode_command(argv, single) is None
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu[01-03]",
            "SLURM_CPUS_PER_TASK": "8"}
-    cmd = T.slurm_multinode_command(argv, env, port=6500)
+    cmd = L.slurm_multinode_command(argv, env, port=6500)
     assert cmd[:5] == ["srun", "--overlap", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1"]
     assert "--nodelist=gpu[01-03]" in cmd and "--cpus-per-task=8" in cmd
     i = cmd.index("symmetric-run")
@@ -108,7 +110,7 @@ def test_multinode_slurm_job_starts_ray_on_every_node():
     assert entry[:2] == ["env", "HAVEN_RAY_CLUSTER=1"] and entry[3:5] == ["-m", "haven.cli"]
     assert entry[5:5 + len(argv)] == argv and entry[-2:] == ["--ray-address", cmd[i + 2]]
     # inside the Ray cluster the command does not relaunch itself
-    assert T.slurm_multinode_command(argv, {**env, "HAVEN_RAY_CLUSTER": "1"}) is None
+    assert L.slurm_multinode_command(argv, {**env, "HAVEN_RAY_CLUSTER": "1"}) is None
 
 
 def test_search_identity_ignores_where_it_runs():
@@ -163,6 +165,13 @@ def _config(tmp_path, pre, **tune):
     return path
 
 
+def _files(pre, out):
+    """The tune command's data and output files, as the rule passes them."""
+    return ["--train", pre / "train.zarr", "--val", pre / "val.zarr", "--stats", pre / "stats.json",
+            "--splits", pre / "splits.csv", "--best", out / "best_config.yaml", "--trials", out / "trials.csv",
+            "--history", out / "history.csv", "--plot", out / "search.png"]
+
+
 def _haven(*args, **kw):
     return subprocess.run([sys.executable, "-m", "haven.cli", *map(str, args)], **kw)
 
@@ -173,7 +182,7 @@ def test_asha_optuna_search_writes_best_config_trials_plot_and_mlflow_runs(tmp_p
 
     conf = _config(tmp_path, pre)
     out = tmp_path / "tune"
-    run = _haven("tune", pre, out, "--config", conf, "--project", "toy", "--rule", "tune", "--cpus", "2",
+    run = _haven("tune", *_files(pre, out), "--config", conf, "--project", "toy", "--rule", "tune", "--cpus", "2",
                  capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     best = yaml.safe_load((out / "best_config.yaml").read_text())
@@ -217,7 +226,7 @@ def test_killed_search_resumes_its_trials_from_their_checkpoints(tmp_path, pre):
     conf = _config(tmp_path, pre, num_samples=2, max_epochs=4, scheduler="fifo", search="random",
                    cpus_per_trial=1, max_concurrent_trials=1, keep_checkpoints=True)
     out = tmp_path / "tune"
-    args = ["tune", pre, out, "--config", conf, "--project", "toy", "--cpus", "2"]
+    args = ["tune", *_files(pre, out), "--config", conf, "--project", "toy", "--cpus", "2"]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     log = tmp_path / "first.log"
     with open(log, "w") as fh:

@@ -138,21 +138,21 @@ def lineage_tags(stage: str, project: str, config_hash: str | None = None, data_
     return tags
 
 
-def log_splits(pre: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"), context: str | None = None) -> int:
-    """``mlflow.log_input`` the audited data the run used: one dataset per split, made from the
-    preprocess stage's pseudonymous ``splits.csv`` (file, patient pseudonym, label, split) and
-    tagged with the audited manifest's hash.  Only the schema, a profile and a digest go to
-    MLflow, never the images.  Returns the number of datasets logged."""
+def log_splits(table: str | os.PathLike | None, stats: str | os.PathLike | None, project: str,
+               splits: tuple[str, ...] = ("train", "val"), context: str | None = None) -> int:
+    """``mlflow.log_input`` the audited data the run used: one dataset per split (named
+    ``<project>-<split>``), made from the preprocess stage's pseudonymous ``splits.csv`` (``table``:
+    file, patient pseudonym, label, split) and tagged with the audited manifest's hash from its
+    ``stats.json``.  Only the schema, a profile and a digest go to MLflow, never the images.
+    Returns the number of datasets logged (none without the table)."""
     import mlflow
     import pandas as pd
 
-    pre = Path(pre)
-    table = pre / "splits.csv"
-    if not table.is_file():
+    if table is None or not Path(table).is_file():
         return 0
+    table = Path(table)
     df = pd.read_csv(table, dtype=str, keep_default_na=False)
-    stats = json.loads((pre / "stats.json").read_text()) if (pre / "stats.json").is_file() else {}
-    project = pre.parent.name
+    stats = json.loads(Path(stats).read_text()) if stats is not None and Path(stats).is_file() else {}
     n = 0
     for split in splits:
         part = df[df["split"] == split].reset_index(drop=True)
@@ -186,7 +186,7 @@ def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
     import mlflow
     from mlflow import MlflowClient
 
-    from haven.learn.train import load_model
+    from haven.learn.checkpoint import load_model
 
     project_dir = Path(project_dir)
     run_info = json.loads((project_dir / "train" / "run.json").read_text())

@@ -41,9 +41,9 @@ def stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", help="Snakemake rule name (an MLflow lineage tag)")
 
 
-def data_hash(pre: Path) -> str | None:
-    stats = pre / "stats.json"
-    return json.loads(stats.read_text()).get("data_manifest_hash") if stats.is_file() else None
+def data_hash(stats: Path) -> str | None:
+    """The audited data's hash that preprocess recorded in its stats.json (a lineage tag)."""
+    return json.loads(Path(stats).read_text()).get("data_manifest_hash") if Path(stats).is_file() else None
 
 
 def lineage(args, s: dict | None = None) -> None:

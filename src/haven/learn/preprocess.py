@@ -1,9 +1,11 @@
 """Preprocess: audited files → patient-level splits → decoded, windowed, resized Zarr shards.
 
 Only data that passed the audit is read: :func:`preprocess` refuses to start unless the
-anonymize stage's ``audit.json`` says ``passed``.  Decoding runs on a ``dask.distributed``
-cluster (a local one by default), one task per Zarr chunk, and the workers write their
-chunks straight into the store.  Images are stored as uint8 in [0, 255] (CT: one channel
+anonymize stage's ``audit.json`` says ``passed``.  Files are decoded by their kind's reader
+(:func:`haven.sources.reader_for`), labels encoded by the project's task
+(:func:`haven.learn.tasks.get_task`); this module knows neither a file format nor a task.
+Decoding runs on a ``dask.distributed`` cluster (a local one by default), one task per Zarr
+chunk, and the workers write their chunks straight into the store.  Images are stored as uint8 in [0, 255] (CT: one channel
 per HU window); the per-channel mean/std of the *train* split (in [0, 1] units) is stored
 with the data and applied by the trainer on the device.
 
@@ -15,10 +17,14 @@ partition and account, see :mod:`haven.cluster`); the code that runs on them is 
 2.5D (``slab: k``): a slice of a DICOM series is stored with its k neighbours on each side
 (ordered along the patient z axis, ``ImagePositionPatient``, else ``InstanceNumber``; the
 series' ends repeat the edge slice), so the channels are ``(2k+1) x windows``, slice-major.
+
+Settings left out (by a caller without a validated config) are the schema's defaults
+(:func:`complete`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -29,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from haven.io import atomic_write_text
+from haven.sources import reader_for
 from haven.track import file_hash
 
 log = logging.getLogger(__name__)
@@ -36,15 +43,55 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What preprocess reads: the audited manifest, the audit's verdict on it, and the folder the
+    manifest's ``file`` column is relative to.  The rule names them; :meth:`in_folder` is the
+    anonymize stage's layout, for runs by hand and tests."""
+
+    manifest: Path
+    audit: Path
+    data: Path
+
+    @classmethod
+    def of(cls, given: "str | Path | Inputs") -> "Inputs":
+        if isinstance(given, Inputs):
+            return given
+        folder = Path(given)
+        return cls(folder / "manifest.csv", folder / "audit.json", folder / "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What preprocess writes: one Zarr store per split, the split table and the statistics."""
+
+    train: Path
+    val: Path
+    test: Path
+    splits: Path
+    stats: Path
+
+    @classmethod
+    def of(cls, given: "str | Path | Outputs") -> "Outputs":
+        if isinstance(given, Outputs):
+            return given
+        folder = Path(given)
+        return cls(*(folder / f"{name}.zarr" for name in SPLITS), folder / "splits.csv", folder / "stats.json")
+
+    def store(self, split: str) -> Path:
+        return Path(getattr(self, split))
+
+
 class AuditGateError(ValueError):
     """Raised when the input did not pass the de-identification audit."""
 
 
-def check_audit(anon_dir: Path) -> dict:
-    audit_json = Path(anon_dir) / "audit.json"
+def check_audit(audit_json: Path) -> dict:
+    """The audit's result in ``audit_json``; AuditGateError unless it is there and passed."""
+    audit_json = Path(audit_json)
     if not audit_json.is_file():
         raise AuditGateError(
-            f"{audit_json} is missing: run `haven audit` on {anon_dir} first; "
+            f"{audit_json} is missing: run `haven audit` on {audit_json.parent} first; "
             "nothing downstream may read data that did not pass the audit"
         )
     result = json.loads(audit_json.read_text())
@@ -99,50 +146,10 @@ def _square(a: np.ndarray) -> np.ndarray:
     return a[..., top:top + s, left:left + s]
 
 
-def decode_dicom(path: Path, mode: str, windows: list[dict]) -> np.ndarray:
-    """DICOM → float32 (C, H, W) in [0, 1]: HU windows for ``ct``, VOI/min-max otherwise."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[frames // 2]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if arr.ndim == 3:  # colour
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
-        rgb = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else max(arr.max(), 1))
-        out = rgb.transpose(2, 0, 1)
-        return out.mean(axis=0, keepdims=True) if mode == "gray" else out
-    if mode == "ct":
-        hu = apply_modality_lut(arr, ds).astype(np.float32)
-        chans = [np.clip((hu - (w["center"] - w["width"] / 2)) / w["width"], 0.0, 1.0) for w in windows]
-        return np.stack(chans)
-    img = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32)
-    lo, hi = float(img.min()), float(img.max())
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    if photometric == "MONOCHROME1":
-        img = 1.0 - img
-    return img[None]
-
-
-def decode_image(path: Path, mode: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB" if mode == "rgb" else "L")
-        a = np.asarray(im, dtype=np.float32) / 255.0
-    return a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
-
-
 def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
     """One file → float (C, size, size) in [0, 1], C = the channels of one slice."""
-    mode, size = params["mode"], params["size"]
-    a = decode_dicom(path, mode, params["windows"]) if kind == "dicom" else decode_image(path, "gray" if mode == "ct" else mode)
+    a = reader_for(kind).pixels(path, params["mode"], params["windows"])
+    size = params["size"]
     want = slice_channels(params)
     if a.shape[0] != want:
         a = np.repeat(a.mean(axis=0, keepdims=True), want, axis=0) if want == 3 or a.shape[0] == 3 else a[:want]
@@ -178,24 +185,13 @@ def slice_channels(params: dict) -> int:
 
 
 def channels(params: dict) -> int:
-    return slice_channels(params) * (2 * int(params.get("slab", 0) or 0) + 1)
+    """Channels of a stored sample: a slice's, times the slab's slices (``params`` complete)."""
+    return slice_channels(params) * (2 * params["slab"] + 1)
 
 
-def _slice_position(path: str) -> tuple[float, float]:
-    """Where a slice lies along its series: z of ImagePositionPatient, else InstanceNumber."""
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True,
-                         specific_tags=["ImagePositionPatient", "InstanceNumber"])
-    try:
-        z = float(ds.ImagePositionPatient[2])
-    except Exception:
-        z = float("nan")
-    try:
-        number = float(ds.InstanceNumber)
-    except Exception:
-        number = float("nan")
-    return z, number
+def _slice_position(path: str, kind: str) -> tuple[float, float]:
+    """Where a slice lies along its series (runs on a Dask worker)."""
+    return reader_for(kind).slice_position(path)
 
 
 def slab_members(client, rows: pd.DataFrame, data_dir: Path, k: int) -> list[list[str]]:
@@ -204,8 +200,9 @@ def slab_members(client, rows: pd.DataFrame, data_dir: Path, k: int) -> list[lis
     paths = [str(data_dir / f) for f in rows["file"]]
     if k <= 0:
         return [[p] for p in paths]
-    dicom = [i for i, kind in enumerate(rows["kind"]) if kind == "dicom" and rows["series"].iloc[i]]
-    futures = client.map(_slice_position, [paths[i] for i in dicom], pure=False)
+    kinds = list(rows["kind"])
+    dicom = [i for i, kind in enumerate(kinds) if reader_for(kind).in_series and rows["series"].iloc[i]]
+    futures = client.map(_slice_position, [paths[i] for i in dicom], [kinds[i] for i in dicom], pure=False)
     pos = dict(zip(dicom, client.gather(futures)))
     members = [[p] * (2 * k + 1) for p in paths]
     series = rows["series"].to_numpy()
@@ -227,9 +224,9 @@ def _client(params: dict):
     """The Dask client: a LocalCluster in this job, or worker jobs on Slurm (dask-jobqueue)."""
     from dask.distributed import Client, LocalCluster
 
-    dask_cfg = params.get("dask") or {}
-    if dask_cfg.get("cluster", "local") == "local":
-        cluster = LocalCluster(n_workers=int(params.get("workers", 2)), threads_per_worker=1, processes=True,
+    dask_cfg = params["dask"]
+    if dask_cfg["cluster"] == "local":
+        cluster = LocalCluster(n_workers=int(params["workers"]), threads_per_worker=1, processes=True,
                                dashboard_address=":0", silence_logs=logging.CRITICAL)  # task errors reach the client
         return Client(cluster)
     from dask_jobqueue import SLURMCluster
@@ -237,32 +234,35 @@ def _client(params: dict):
     from haven.cluster import rule_resources, site_settings
 
     site = rule_resources("cpu", site_settings())
-    cores = int(dask_cfg.get("cores", 4))
+    cores = int(dask_cfg["cores"])
     options = {"dashboard_address": ":0"}
-    if dask_cfg.get("scheduler_host"):
+    if dask_cfg["scheduler_host"]:
         options["host"] = dask_cfg["scheduler_host"]
     cluster = SLURMCluster(
-        cores=cores, processes=cores, memory=dask_cfg.get("memory", "8GB"),
-        walltime=dask_cfg.get("walltime", "01:00:00"), queue=dask_cfg.get("queue") or site.get("slurm_partition"),
-        account=dask_cfg.get("account") or site.get("slurm_account"), job_name="haven-dask",
-        python=sys.executable, log_directory=dask_cfg.get("log_directory"), scheduler_options=options,
+        cores=cores, processes=cores, memory=dask_cfg["memory"],
+        walltime=dask_cfg["walltime"], queue=dask_cfg["queue"] or site.get("slurm_partition"),
+        account=dask_cfg["account"] or site.get("slurm_account"), job_name="haven-dask",
+        python=sys.executable, log_directory=dask_cfg["log_directory"], scheduler_options=options,
         silence_logs="warning", worker_extra_args=["--nthreads", "1"])
-    cluster.scale(jobs=int(dask_cfg.get("jobs", 2)))
+    cluster.scale(jobs=int(dask_cfg["jobs"]))
     client = Client(cluster)
     try:
-        client.wait_for_workers(1, timeout=float(dask_cfg.get("timeout", 600)))
+        client.wait_for_workers(1, timeout=float(dask_cfg["timeout"]))
     except Exception:
         client.close()
         cluster.close()
-        raise RuntimeError(f"no Dask worker job started on Slurm within {dask_cfg.get('timeout', 600)} s: check "
+        raise RuntimeError(f"no Dask worker job started on Slurm within {dask_cfg['timeout']} s: check "
                            "`squeue --name haven-dask` (partition, account and memory come from preprocess.dask "
                            "and the site settings)") from None
-    log.info("dask: %d worker job(s) on Slurm, %d workers so far", int(dask_cfg.get("jobs", 2)),
+    log.info("dask: %d worker job(s) on Slurm, %d workers so far", int(dask_cfg["jobs"]),
              len(client.scheduler_info()["workers"]))
     return client
 
 
-def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str]) -> None:
+def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str],
+                targets: np.ndarray) -> None:
+    """One split's Zarr store: the decoded images (written by the workers, chunk by chunk), the
+    task's ``targets`` as ``labels``, and the columns the subgroup analysis reads."""
     import dask.array as da
     import zarr
     from dask import delayed
@@ -279,7 +279,7 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
         compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
     )
     if n:
-        paths = slab_members(client, rows, data_dir, int(params.get("slab", 0) or 0))
+        paths = slab_members(client, rows, data_dir, params["slab"])
         kinds = list(rows["kind"])
         blocks = [
             da.from_delayed(delayed(load_batch)(paths[i:i + chunk], kinds[i:i + chunk], params),
@@ -287,14 +287,13 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
             for i in range(0, n, chunk)
         ]
         da.store(da.concatenate(blocks), images, lock=False, compute=True)
-    label_idx = rows["label"].map({k: i for i, k in enumerate(classes)}).to_numpy(np.int64)
-    group.create_array("labels", data=label_idx, chunks=(max(n, 1),))
+    group.create_array("labels", data=targets, chunks=(max(n, 1),))
     for col in ("patient", "sex", "age_band", "site"):
         arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
         if n:
             arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
     group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
-                        "slab": int(params.get("slab", 0) or 0)})
+                        "slab": params["slab"]})
 
 
 def channel_stats(store: Path) -> tuple[list[float], list[float]]:
@@ -315,35 +314,58 @@ def channel_stats(store: Path) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def preprocess(anon_dir: Path, out_dir: Path, params: dict, seed: int = 42) -> dict:
-    """Split the audited manifest by patient and write ``out_dir/{train,val,test}.zarr``,
-    ``splits.csv`` and ``stats.json``."""
-    anon_dir, out_dir = Path(anon_dir), Path(out_dir)
-    check_audit(anon_dir)
-    manifest = pd.read_csv(anon_dir / "manifest.csv", dtype=str, keep_default_na=False)
+def complete(params: dict) -> dict:
+    """The preprocess settings with every key left out taken from the schema's defaults (one level
+    into ``split`` and ``dask``), for callers without a validated config."""
+    from haven.config import section_defaults
+
+    full = section_defaults("preprocess")
+    for key, value in params.items():
+        full[key] = {**full[key], **value} if isinstance(full.get(key), dict) and isinstance(value, dict) else value
+    return full
+
+
+def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, seed: int,
+               task: str | None = None) -> dict:
+    """Split the audited manifest by patient and write the Zarr store of each split, the split
+    table and ``stats.json``.  ``inputs``/``outputs``: :class:`Inputs`/:class:`Outputs`, or the
+    anonymize stage's folder and the folder to write ``{train,val,test}.zarr``, ``splits.csv``
+    and ``stats.json`` into.  ``params``: the ``preprocess`` settings; ``task``: the project's
+    task (None: the schema's default) encodes the labels."""
+    from haven.learn.tasks import get_task
+
+    inputs, outputs = Inputs.of(inputs), Outputs.of(outputs)
+    check_audit(inputs.audit)
+    params = complete(params)
+    if task is None:
+        from haven.config import section_defaults
+
+        task = section_defaults("task")
+    task = get_task(task)
+    manifest = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
     if manifest.empty:
-        raise ValueError(f"{anon_dir / 'manifest.csv'} lists no files: check the ingest quarantine list")
-    classes = sorted(manifest["label"].unique())
+        raise ValueError(f"{inputs.manifest} lists no files: check the ingest quarantine list")
+    classes = task.classes(manifest["label"])
     if len(classes) < 2:
-        raise ValueError(f"{anon_dir / 'manifest.csv'}: need at least two classes, found {classes}")
+        raise ValueError(f"{inputs.manifest}: need at least two classes, found {classes}")
     split = split_patients(manifest, params["split"]["val"], params["split"]["test"], seed)
     manifest["split"] = manifest["patient"].map(split)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     client = _client(params)
     try:
         for name in SPLITS:
             rows = manifest[manifest["split"] == name].reset_index(drop=True)
-            write_split(client, rows, anon_dir / "data", out_dir / f"{name}.zarr", params, classes)
+            write_split(client, rows, inputs.data, outputs.store(name), params, classes,
+                        task.encode(rows["label"], classes))
     finally:
         client.close()
         client.cluster.close()
 
-    mean, std = channel_stats(out_dir / "train.zarr")
+    mean, std = channel_stats(outputs.train)
     import zarr
 
     for name in SPLITS:
-        zarr.open_group(out_dir / f"{name}.zarr", mode="r+").attrs.update({"mean": mean, "std": std})
+        zarr.open_group(outputs.store(name), mode="r+").attrs.update({"mean": mean, "std": std})
     counts = {name: manifest[manifest["split"] == name]["label"].value_counts().sort_index().to_dict() for name in SPLITS}
     stats = {
         "classes": classes,
@@ -354,8 +376,8 @@ def preprocess(anon_dir: Path, out_dir: Path, params: dict, seed: int = 42) -> d
         "samples": {name: int((manifest["split"] == name).sum()) for name in SPLITS},
         "patients": {name: int(split.eq(name).sum()) for name in SPLITS},
         "per_class": counts,
-        "data_manifest_hash": file_hash(anon_dir / "manifest.csv"),
+        "data_manifest_hash": file_hash(inputs.manifest),
     }
-    atomic_write_text(out_dir / "splits.csv", manifest[["file", "patient", "label", "split"]].to_csv(index=False))
-    atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2))
+    atomic_write_text(outputs.splits, manifest[["file", "patient", "label", "split"]].to_csv(index=False))
+    atomic_write_text(outputs.stats, json.dumps(stats, indent=2))
     return stats

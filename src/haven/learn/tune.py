@@ -13,8 +13,8 @@ Resources: Ray gets exactly what the job was given: the CPUs Snakemake/Slurm all
 (``--cpus``, ``SLURM_CPUS_PER_TASK``, the process's CPU affinity, whichever is smallest) and
 the GPUs in ``CUDA_VISIBLE_DEVICES``.  Every trial asks for ``cpus_per_trial`` CPUs and
 ``gpus_per_trial`` GPUs (fractions share a GPU between small models).  In a Slurm job that
-spans several nodes, :func:`slurm_multinode_command` starts Ray on every node with
-``ray symmetric-run`` and runs this same stage against that cluster (``--ray-address``).
+spans several nodes, :func:`haven.learn.launch.slurm_multinode_command` starts Ray on every node
+with ``ray symmetric-run`` and runs this same stage against that cluster (``--ray-address``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from haven.io import atomic_write_text
+from haven.learn.launch import allocated_cpus, allocated_gpus
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +75,6 @@ def search_space(space: dict) -> dict:
     return out
 
 
-def allocated_cpus(requested: int | None = None) -> int:
-    """CPUs this job may use: the smallest of what was requested (the rule's threads), Slurm's
-    allocation (``SLURM_CPUS_PER_TASK``, else ``SLURM_CPUS_ON_NODE``) and the CPU affinity."""
-    counts = [len(os.sched_getaffinity(0))]
-    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        if os.environ.get(var, "").isdigit():
-            counts.append(int(os.environ[var]))
-            break
-    if requested:
-        counts.append(int(requested))
-    return max(1, min(counts))
-
-
-def allocated_gpus() -> int:
-    """GPUs this job may use: those in ``CUDA_VISIBLE_DEVICES`` (set by Slurm for the GPUs it
-    allocated), else every GPU torch sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # pragma: no cover
-        return 0
-
-
 def check_resources(tune_cfg: dict, cluster: dict) -> None:
     """Fail early (instead of Ray waiting forever) when no trial fits the cluster."""
     cpt, gpt = float(tune_cfg["cpus_per_trial"]), float(tune_cfg["gpus_per_trial"])
@@ -129,42 +102,13 @@ def _init_ray(address: str | None, cpus: int | None) -> dict:
     return dict(ray.cluster_resources())
 
 
-def slurm_multinode_command(argv: list[str], env: dict | None = None, port: int | None = None) -> list[str] | None:
-    """The command that runs this tune stage on every node of a multi-node Slurm job, or None.
-
-    Like Ray's Slurm guide: one task per node (``srun --ntasks-per-node=1``, ``--overlap`` so
-    it runs beside the job step Snakemake's jobstep executor already holds), each running
-    ``ray symmetric-run``: the node whose address is ``--address`` becomes the Ray head and runs
-    ``haven tune ... --ray-address HEAD``, the others join as workers until it ends.  Each
-    node's Ray gets the CPUs Slurm gave the task (``--num-cpus``) and the GPUs of its
-    ``CUDA_VISIBLE_DEVICES``.  The trials' checkpoints and the search state live in the
-    stage's ``ray`` folder under ``results``, which must be on the shared filesystem.
-    """
-    env = dict(os.environ if env is None else env)
-    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    if nodes <= 1 or env.get("HAVEN_RAY_CLUSTER"):
-        return None
-    head_ip = socket.gethostbyname(socket.gethostname())
-    port = port or 6379 + int(env.get("SLURM_JOB_ID", "0") or 0) % 1000
-    address = f"{head_ip}:{port}"
-    cmd = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
-    if env.get("SLURM_JOB_NODELIST"):
-        cmd.append(f"--nodelist={env['SLURM_JOB_NODELIST']}")
-    cpus = env.get("SLURM_CPUS_PER_TASK")
-    if cpus:
-        cmd.append(f"--cpus-per-task={cpus}")
-    cmd += ["ray", "symmetric-run", "--address", address, "--min-nodes", str(nodes)]
-    if cpus:
-        cmd.append(f"--num-cpus={cpus}")
-    cmd += ["--", "env", "HAVEN_RAY_CLUSTER=1", sys.executable, "-m", "haven.cli", *argv, "--ray-address", address]
-    return cmd
-
-
 # ---------------------------------------------------------------------------------------------
 # the trial
-def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: int, max_epochs: int) -> None:
+def _trainable(config: dict, train_store: str, val_store: str, model_cfg: dict, train_cfg: dict, task,
+               seed: int, max_epochs: int) -> None:
     from ray import tune
 
+    from haven.learn.checkpoint import last_path
     from haven.learn.train import fit
 
     # the trainer's own files (last.pt, best.pt) stay in node-local scratch: Ray would otherwise
@@ -177,7 +121,7 @@ def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: i
             shutil.rmtree(stale, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"haven-trial-{trial_id or 'x'}-", dir=scratch))
     try:
-        last = workdir / "checkpoints" / "last.pt"
+        last = last_path(workdir)
         restored = tune.get_checkpoint()
         if restored is not None:  # Tuner.restore / a retried trial: continue after its last epoch
             with restored.as_directory() as d:
@@ -204,8 +148,8 @@ def _trainable(config: dict, pre: str, model_cfg: dict, train_cfg: dict, seed: i
             tune.report({**metrics, "training_iteration": int(metrics["epoch"]) + 1, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(str(export)))
 
-        fit(Path(pre) / "train.zarr", Path(pre) / "val.zarr", model_cfg, train_cfg, workdir, seed=seed,
-            overrides=config, report=report, max_epochs=max_epochs)
+        fit(train_store, val_store, model_cfg, train_cfg, workdir, seed=seed, overrides=config, report=report,
+            max_epochs=max_epochs, task=task)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -245,7 +189,7 @@ def search_name(model_cfg: dict, train_cfg: dict, tune_cfg: dict, seed: int, dat
 def make_scheduler(tune_cfg: dict):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if tune_cfg.get("scheduler", "asha") == "fifo":
+    if tune_cfg["scheduler"] == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(time_attr="training_iteration", max_t=tune_cfg["max_epochs"],
                          grace_period=tune_cfg["grace_period"], reduction_factor=tune_cfg["reduction_factor"])
@@ -259,35 +203,36 @@ def make_search_alg(tune_cfg: dict, seed: int):
     from ray.tune.search import BasicVariantGenerator
 
     # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own limit
-    return BasicVariantGenerator(random_state=seed, max_concurrent=int(tune_cfg.get("max_concurrent_trials") or 0))
+    return BasicVariantGenerator(random_state=seed, max_concurrent=int(tune_cfg["max_concurrent_trials"] or 0))
 
 
-def run_search(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict, train_cfg: dict,
-               tune_cfg: dict, seed: int = 42, cpus: int | None = None, ray_address: str | None = None,
-               fresh: bool = False, stopper=None, storage: str | Path | None = None):
-    """Run (or resume) the Ray Tune search; returns ``(ResultGrid, resumed)``."""
+def run_search(train_store: str | Path, val_store: str | Path, stats: str | Path | None, model_cfg: dict,
+               train_cfg: dict, tune_cfg: dict, *, task, seed: int, storage: str | Path, cpus: int | None = None,
+               ray_address: str | None = None, fresh: bool = False, stopper=None):
+    """Run (or resume) the Ray Tune search over the Zarr splits ``train_store``/``val_store``
+    (``stats``: the preprocess stats.json, the data's identity in the search's name), keeping the
+    search state and the trials' checkpoints under ``storage``; returns ``(ResultGrid, resumed)``."""
     from ray import tune
 
     from haven.track import file_hash
-
-    pre = Path(preprocess_dir).resolve()
-    out_dir = Path(out_dir).resolve()
     # num_to_keep=1 makes Tune snapshot the search state at every trial checkpoint (so the state
     # never names a deleted checkpoint); that is intended here, not a bottleneck worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    cluster = _init_ray(ray_address, cpus or tune_cfg.get("cpus"))
+    cluster = _init_ray(ray_address, cpus or tune_cfg["cpus"])
     log.info("Ray cluster: %s", {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")})
     check_resources(tune_cfg, cluster)
     metric, mode = tune_cfg["metric"], tune_cfg["mode"]
     cpt, gpt = float(tune_cfg["cpus_per_trial"]), float(tune_cfg["gpus_per_trial"])
     trial_train_cfg = dict(train_cfg, threads=max(1, int(cpt)), epochs=tune_cfg["max_epochs"])
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, pre=str(pre), model_cfg=model_cfg, train_cfg=trial_train_cfg, seed=seed,
-                             max_epochs=tune_cfg["max_epochs"]),
+        # absolute paths: the trials run in Ray's worker processes, in their own working directories
+        tune.with_parameters(_trainable, train_store=str(Path(train_store).resolve()),
+                             val_store=str(Path(val_store).resolve()), model_cfg=model_cfg,
+                             train_cfg=trial_train_cfg, task=task, seed=seed, max_epochs=tune_cfg["max_epochs"]),
         {"cpu": cpt, "gpu": gpt},
     )
-    storage = Path(storage).resolve() if storage else out_dir / "ray"
-    data_id = file_hash(pre / "stats.json") if (pre / "stats.json").is_file() else None
+    storage = Path(storage).resolve()
+    data_id = file_hash(stats) if stats and Path(stats).is_file() else None
     name = search_name(model_cfg, train_cfg, tune_cfg, seed, data_id)
     path = storage / name
     if fresh and path.exists():
@@ -304,13 +249,13 @@ def run_search(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=make_scheduler(tune_cfg),
                                         search_alg=make_search_alg(tune_cfg, seed),
                                         num_samples=tune_cfg["num_samples"],
-                                        max_concurrent_trials=tune_cfg.get("max_concurrent_trials")
+                                        max_concurrent_trials=tune_cfg["max_concurrent_trials"]
                                         if tune_cfg["search"] == "optuna" else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), verbose=0, stop=stopper,
                 callbacks=[_progress_callback()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=int(tune_cfg.get("max_failures", 1)))),
+                failure_config=tune.FailureConfig(max_failures=int(tune_cfg["max_failures"]))),
         )
     return tuner.fit(), resumed
 
@@ -399,15 +344,31 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def tune_project(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dict, train_cfg: dict,
-                 tune_cfg: dict, seed: int = 42, tracking: dict | None = None, cpus: int | None = None,
-                 ray_address: str | None = None, fresh: bool = False) -> dict:
-    """The tune stage: search, then write best_config.yaml, trials.csv, history.csv, search.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class TuneFiles:
+    """What the tune stage reads and writes (the rule names every file)."""
+    train: Path  # the preprocess stage's Zarr splits
+    val: Path
+    stats: Path  # preprocess stats.json (the data's identity)
+    best: Path  # outputs: best_config.yaml, trials.csv, history.csv, search.png
+    trials: Path
+    history: Path
+    plot: Path
+    storage: Path  # Ray's storage: the search state and the trials' checkpoints (shared filesystem)
+    splits: Path | None = None  # preprocess splits.csv (logged to MLflow as the search's inputs)
+
+
+def tune_project(files: TuneFiles, model_cfg: dict, train_cfg: dict, tune_cfg: dict, *, task, seed: int,
+                 tracking: dict | None = None, cpus: int | None = None, ray_address: str | None = None,
+                 fresh: bool = False) -> dict:
+    """The tune stage: search, then write the best configuration, the trial table, the per-epoch
+    history and the plot.  ``task``: the project's :class:`haven.learn.tasks.Task` (its loss and
+    validation metrics in every trial)."""
+    for path in (files.best, files.trials, files.history, files.plot):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    grid, resumed = run_search(preprocess_dir, out_dir, model_cfg, train_cfg, tune_cfg, seed, cpus=cpus,
-                               ray_address=ray_address, fresh=fresh)
+    grid, resumed = run_search(files.train, files.val, files.stats, model_cfg, train_cfg, tune_cfg, task=task,
+                               seed=seed, storage=files.storage, cpus=cpus, ray_address=ray_address, fresh=fresh)
     metric, mode = tune_cfg["metric"], tune_cfg["mode"]
     errors = [r.error for r in grid if r.error]
     ok = [r for r in grid if not r.error and r.metrics and metric in r.metrics]
@@ -415,9 +376,9 @@ def tune_project(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dic
         raise RuntimeError(f"every trial failed; first error: {errors[0] if errors else 'no metric reported'}")
     best = grid.get_best_result(metric=metric, mode=mode, scope="all")
     trials, history = trial_tables(grid, metric, mode)
-    trials.to_csv(out_dir / "trials.csv", index=False)
-    history.to_csv(out_dir / "history.csv", index=False)
-    plot_search(history, metric, mode, out_dir / "search.png", tune_cfg["max_epochs"])
+    trials.to_csv(files.trials, index=False)
+    history.to_csv(files.history, index=False)
+    plot_search(history, metric, mode, Path(files.plot), tune_cfg["max_epochs"])
     best_df = best.metrics_dataframe
     best_value = float(best_df[metric].max() if mode == "max" else best_df[metric].min())
     summary = {"config": {k: _plain(v) for k, v in best.config.items()},
@@ -428,13 +389,13 @@ def tune_project(preprocess_dir: str | Path, out_dir: str | Path, model_cfg: dic
                "trials": len(grid), "failed_trials": len(errors),
                "trial_epochs": int(len(history)),
                "full_budget_trial_epochs": int(tune_cfg["num_samples"]) * int(tune_cfg["max_epochs"]),
-               "scheduler": tune_cfg.get("scheduler", "asha"), "search": tune_cfg["search"],
+               "scheduler": tune_cfg["scheduler"], "search": tune_cfg["search"],
                "resumed": resumed, "seconds": round(time.perf_counter() - t0, 1)}
-    if not errors and not tune_cfg.get("keep_checkpoints", False):
+    if not errors and not tune_cfg["keep_checkpoints"]:
         _prune_checkpoints(grid)
     if tracking:
-        summary["mlflow_run_id"] = _log_search(tracking, summary, trials, history, out_dir, Path(preprocess_dir))
-    atomic_write_text(out_dir / "best_config.yaml", yaml.safe_dump(summary, sort_keys=False))
+        summary["mlflow_run_id"] = _log_search(tracking, summary, trials, history, files)
+    atomic_write_text(files.best, yaml.safe_dump(summary, sort_keys=False))
     return summary
 
 
@@ -446,7 +407,7 @@ def _prune_checkpoints(grid) -> None:
                 shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def _log_search(tracking: dict, summary: dict, trials, history, out_dir: Path, pre: Path) -> str:
+def _log_search(tracking: dict, summary: dict, trials, history, files: TuneFiles) -> str:
     """MLflow: a parent run for the search, one child run per trial (logged from the driver
     after the search, so trials never talk to the tracking store)."""
     import mlflow
@@ -462,7 +423,7 @@ def _log_search(tracking: dict, summary: dict, trials, history, out_dir: Path, p
         mlflow.log_metrics({f"best_{metric}": summary["value"], "trial_epochs": summary["trial_epochs"],
                             "full_budget_trial_epochs": summary["full_budget_trial_epochs"],
                             "failed_trials": summary["failed_trials"]})
-        trk.log_splits(pre, context="tuning")
+        trk.log_splits(files.splits, files.stats, tracking["project"], context="tuning")
         for row in trials.to_dict("records"):
             trial_id = str(row["trial_id"])
             child_tags = {**tags, "haven.trial_id": trial_id, "haven.trial_status": row["status"],
@@ -477,7 +438,7 @@ def _log_search(tracking: dict, summary: dict, trials, history, out_dir: Path, p
                 best_value = row.get(f"best_{metric}")
                 if best_value is not None and best_value == best_value:  # not NaN
                     mlflow.log_metric(f"best_{metric}", best_value)
-        for name in ("trials.csv", "history.csv", "search.png"):
-            mlflow.log_artifact(str(out_dir / name))
+        for path in (files.trials, files.history, files.plot):
+            mlflow.log_artifact(str(path))
         mlflow.log_dict(summary, "best_config.yaml")
         return parent.info.run_id

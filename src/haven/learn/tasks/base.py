@@ -22,6 +22,9 @@ class Task(ABC):
     """One kind of learning problem (single-label classification, multi-label, ordinal, ...)."""
 
     name: str = ""
+    # the validation metric (a key of val_metrics, higher is better) that picks the best epoch and
+    # early-stops; the train stage reports it as best_<val_metric>
+    val_metric: str = ""
     # report/model-card sections this task's evaluation produces (in page order)
     report_sections: tuple[str, ...] = ()
 

@@ -12,6 +12,7 @@ from haven.learn.tasks.base import Task
 
 class Classification(Task):
     name = "classification"
+    val_metric = "val_balanced_accuracy"
     report_sections = ("performance", "calibration", "subgroups", "explanations", "robustness")
 
     def classes(self, labels: pd.Series) -> list[str]:
@@ -46,7 +47,7 @@ class Classification(Task):
                 "val_balanced_accuracy": float(balanced_accuracy_score(targets, pred))}
 
     def metrics(self, targets: np.ndarray, scores: np.ndarray, classes: list[str], settings: dict) -> dict:
-        from haven.trust.evaluate import compute_metrics, positive_index
+        from haven.trust.metrics import compute_metrics, positive_index
 
         return compute_metrics(targets, scores, classes, positive_index(classes, settings["positive_label"]))
 
