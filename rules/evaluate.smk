@@ -28,6 +28,9 @@ rule evaluate:
             labels={"project": "{project}", "artefact": "robustness"}),
     params:
         settings=settings("evaluate"),
+        # written beside the outputs but not declared ones (nothing downstream reads them)
+        predictions=P("evaluate/predictions.npz"),
+        explain_maps=P("evaluate/explain.npz"),
     threads: lambda w: project(w)["evaluate"]["threads"]
     resources:
         mem_mb=4000,
@@ -40,5 +43,14 @@ rule evaluate:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "haven evaluate {input.model:q} $(dirname {input.stats:q}) $(dirname {output.metrics:q}) "
-        "--run {input.run:q} --rule evaluate --params {params.settings:q} > {log:q} 2>&1"
+        # every file the stage reads or writes is named here; it builds no path of its own
+        # (input.stats is not read: mean/std travel in the Zarr stores; it stays an input so the
+        # job's inputs and rerun triggers are what they were)
+        "haven evaluate --model {input.model:q} --run {input.run:q} --test {input.test:q} --val {input.val:q} "
+        "--metrics {output.metrics:q} --subgroups-table {output.subgroups_table:q} "
+        "--predictions {params.predictions:q} --explain-maps {params.explain_maps:q} "
+        "--plot confusion={output.confusion:q} --plot roc={output.roc:q} --plot pr={output.pr:q} "
+        "--plot reliability={output.reliability:q} --plot subgroups={output.subgroups:q} "
+        "--plot gradcam={output.gradcam:q} --plot integrated_gradients={output.integrated_gradients:q} "
+        "--plot robustness={output.robustness:q} "
+        "--rule evaluate --params {params.settings:q} > {log:q} 2>&1"

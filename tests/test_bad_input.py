@@ -68,8 +68,21 @@ def junk(tmp_path):
     return src
 
 
+def _ingest_files(out: Path) -> list[str]:
+    """`haven ingest` arguments writing its three tables into the folder ``out``."""
+    return ["--manifest", str(out / "manifest.csv"), "--identifiers", str(out / "identifiers.csv"),
+            "--quarantine", str(out / "quarantine.csv")]
+
+
+def _preprocess_files(anon: Path, pre: Path) -> list[str]:
+    """`haven preprocess` arguments reading the anonymize folder ``anon``, writing into ``pre``."""
+    return ["--manifest", str(anon / "manifest.csv"), "--audit", str(anon / "audit.json"), "--data", str(anon / "data"),
+            *(a for split in ("train", "val", "test") for a in (f"--{split}", str(pre / f"{split}.zarr"))),
+            "--splits", str(pre / "splits.csv"), "--stats", str(pre / "stats.json")]
+
+
 def test_bad_files_are_quarantined_with_reasons_and_no_traceback(junk, tmp_path):
-    run = haven("ingest", str(junk), str(tmp_path / "out"))
+    run = haven("ingest", str(junk), *_ingest_files(tmp_path / "out"))
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv").set_index("path")["reason"].to_dict()
     m = pd.read_csv(tmp_path / "out" / "manifest.csv")
@@ -100,7 +113,7 @@ def test_unreadable_file_is_quarantined_for_a_user_who_cannot_read_it(junk, tmp_
         if p.name != "locked.dcm":
             p.chmod(p.stat().st_mode | (0o005 if p.is_dir() else 0o004))
     run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *HAVEN, "ingest",
-                          str(junk), str(out)], capture_output=True, text=True, timeout=300,
+                          str(junk), *_ingest_files(out)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HOME": str(out)})
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     q = pd.read_csv(out / "quarantine.csv").set_index("path")["reason"].to_dict()
@@ -114,37 +127,47 @@ def test_label_table_with_missing_and_unknown_ids(tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("accession,label\nA1,bleed\nA9,normal\nA8,normal\n")  # A2 missing; A8, A9 match no file
     params = json.dumps({"labels": str(table), "label_key": "accession", "label_column": "label"})
-    run = haven("ingest", str(src), str(tmp_path / "ingest" / "shards" / "0"), "--params", params)
+    shard = tmp_path / "ingest" / "shards" / "0"
+    run = haven("ingest", str(src), *_ingest_files(shard), "--params", params)
     assert run.returncode == 0, run.stderr
     q = pd.read_csv(tmp_path / "ingest" / "shards" / "0" / "quarantine.csv")
     assert q.to_dict("records") == [{"path": "b.dcm", "reason": "no label for this file in labels.csv"}]
-    merged = haven("merge", "ingest", str(tmp_path / "ingest"), str(tmp_path / "ingest" / "shards" / "0"),
-                   "--params", params)
+    merged = haven("merge", "ingest", *_ingest_files(tmp_path / "ingest"),
+                   "--shard-manifests", str(shard / "manifest.csv"), "--shard-identifiers", str(shard / "identifiers.csv"),
+                   "--shard-quarantines", str(shard / "quarantine.csv"), "--params", params)
     assert merged.returncode == 0, merged.stderr
     assert json.loads(merged.stdout)["unmatched_label_rows"] == 2
     assert "labels.csv: 2 of its 3 rows match no accepted file by accession" in merged.stderr
 
 
+def _anonymize_files(tmp_path) -> list[str]:
+    """`haven anonymize` arguments for an ingest that never ran (tmp_path/no-ingest) into tmp_path/anon."""
+    anon = tmp_path / "anon"
+    return ["--ingest-manifest", str(tmp_path / "no-ingest" / "manifest.csv"), "--data", str(anon / "data"),
+            "--manifest", str(anon / "manifest.csv"), "--log", str(anon / "anonymization.log.csv"),
+            "--quarantine", str(anon / "quarantine.csv")]
+
+
 def test_stage_errors_name_the_file_and_the_fix_without_a_traceback(tmp_path):
     # a labels file that is not there
-    run = haven("ingest", str(tmp_path), str(tmp_path / "out"), "--params",
+    run = haven("ingest", str(tmp_path), *_ingest_files(tmp_path / "out"), "--params",
                 json.dumps({"labels": str(tmp_path / "nope.csv"), "label_key": "accession"}))
     assert run.returncode == 2 and "nope.csv not found" in run.stderr and "Traceback" not in run.stderr
     # a source that is not a folder
-    run = haven("ingest", str(tmp_path / "missing"), str(tmp_path / "out"))
+    run = haven("ingest", str(tmp_path / "missing"), *_ingest_files(tmp_path / "out"))
     assert run.returncode == 2 and "is not a folder" in run.stderr and "Traceback" not in run.stderr
     # anonymize before ingest
-    run = haven("anonymize", str(tmp_path), str(tmp_path / "no-ingest"), str(tmp_path / "anon"), "--params",
+    run = haven("anonymize", str(tmp_path), *_anonymize_files(tmp_path), "--params",
                 json.dumps({"key_env": "HAVEN_TEST_KEY"}), env={"HAVEN_TEST_KEY": "k" * 32})
     assert run.returncode == 2 and "run `haven ingest` first" in run.stderr and "Traceback" not in run.stderr
     # no key at all
-    run = haven("anonymize", str(tmp_path), str(tmp_path / "no-ingest"), str(tmp_path / "anon"), "--params",
+    run = haven("anonymize", str(tmp_path), *_anonymize_files(tmp_path), "--params",
                 json.dumps({"key_file": str(tmp_path / "no.key"), "key_env": "HAVEN_UNSET_KEY"}))
     assert run.returncode == 2 and "Traceback" not in run.stderr and "key" in run.stderr.lower()
     # preprocess of data that did not pass the audit
     (tmp_path / "anon").mkdir(exist_ok=True)
     (tmp_path / "anon" / "manifest.csv").write_text("file,kind,patient,label\n")
-    run = haven("preprocess", str(tmp_path / "anon"), str(tmp_path / "pre"), "--params",
+    run = haven("preprocess", *_preprocess_files(tmp_path / "anon", tmp_path / "pre"), "--params",
                 json.dumps({"preprocess": {"size": 8, "mode": "gray"}}))
     assert run.returncode != 0 and "audit" in run.stderr and "Traceback" not in run.stderr
 
@@ -163,7 +186,7 @@ def test_undecodable_audited_file_stops_preprocess_with_its_name(tmp_path):
     (anon / "audit.json").write_text(json.dumps({"passed": True}))
     params = {"preprocess": {"size": 8, "mode": "gray", "windows": [], "split": {"val": 0.2, "test": 0.2},
                              "chunk": 4, "workers": 1}}
-    run = haven("preprocess", str(anon), str(tmp_path / "pre"), "--params", json.dumps(params))
+    run = haven("preprocess", *_preprocess_files(anon, tmp_path / "pre"), "--params", json.dumps(params))
     assert run.returncode == 2, run.stderr[-2000:]
     assert "5.png cannot be decoded" in run.stderr and "re-run the pipeline" in run.stderr
     assert "Traceback" not in run.stderr
@@ -172,7 +195,7 @@ def test_undecodable_audited_file_stops_preprocess_with_its_name(tmp_path):
 
 def test_uids_and_labels_cannot_steer_outputs_outside_the_results(tmp_path):
     """Output names come from keyed UIDs and pseudonyms, never from header values or labels."""
-    from haven.deid.anonymize import anonymize
+    from deidrun import anonymize_into
     from haven.ingest import ingest
 
     src = tmp_path / "src"
@@ -181,7 +204,7 @@ def test_uids_and_labels_cannot_steer_outputs_outside_the_results(tmp_path):
     table.write_text("accession,label\nACC1,../../../../escaped-label\n")
     ingest(src, tmp_path / "ingest", labels=table, label_key="accession")
     out = tmp_path / "results" / "anonymize"
-    summary = anonymize(src, tmp_path / "ingest", out, b"k" * 32)
+    summary = anonymize_into(src, tmp_path / "ingest", out, b"k" * 32)
     assert summary["anonymized"] == 1
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if "escaped" in p.name]

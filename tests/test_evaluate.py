@@ -9,8 +9,15 @@ import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score)
 from torch import nn
 
+from haven.config import section_defaults
 from haven.trust import evaluate as ev
-from haven.trust.evaluate import compute_metrics
+from haven.trust.calibration import calibration, expected_calibration_error
+from haven.trust.explain import (attribution_maps, randomization_test, randomized_copy, rank_similarity,
+                                 select_examples)
+from haven.trust.metrics import (bootstrap_ci, compute_metrics, positive_index, replicate_metrics, weighted_auc,
+                                 weighted_average_precision)
+from haven.trust.robustness import robustness, stratified_subsample
+from haven.trust.subgroups import subgroup_audit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,10 +60,10 @@ def test_auc_undefined_when_a_class_is_missing():
 
 
 def test_positive_label_must_be_a_class():
-    assert ev.positive_index(["hemorrhage", "normal"], "hemorrhage") == 0
-    assert ev.positive_index(["hemorrhage", "normal"], None) == 1
+    assert positive_index(["hemorrhage", "normal"], "hemorrhage") == 0
+    assert positive_index(["hemorrhage", "normal"], None) == 1
     with pytest.raises(ValueError, match="not a class"):
-        ev.positive_index(["a", "b"], "c")
+        positive_index(["a", "b"], "c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,15 +75,15 @@ def test_vectorized_replicates_equal_sklearn_with_sample_weights():
     probs = rng.dirichlet(np.ones(k), n).round(2)  # rounding makes ties
     probs /= probs.sum(1, keepdims=True)
     w = rng.multinomial(n, np.full(n, 1 / n), size=5).astype(float)
-    reps = ev.replicate_metrics(y, probs, w, positive=1)
+    reps = replicate_metrics(y, probs, w, positive=1)
     for b in range(5):
         pred, sw = probs.argmax(1), w[b]
         assert reps["accuracy"][b] == pytest.approx(accuracy_score(y, pred, sample_weight=sw))
         assert reps["balanced_accuracy"][b] == pytest.approx(balanced_accuracy_score(y, pred, sample_weight=sw))
         for c in range(k):
-            assert ev.weighted_auc(probs[:, c], y == c, w[b:b + 1])[0] == pytest.approx(
+            assert weighted_auc(probs[:, c], y == c, w[b:b + 1])[0] == pytest.approx(
                 roc_auc_score(y == c, probs[:, c], sample_weight=sw))
-            assert ev.weighted_average_precision(probs[:, c], y == c, w[b:b + 1])[0] == pytest.approx(
+            assert weighted_average_precision(probs[:, c], y == c, w[b:b + 1])[0] == pytest.approx(
                 average_precision_score(y == c, probs[:, c], sample_weight=sw))
         assert reps["roc_auc"][b] == pytest.approx(
             np.mean([roc_auc_score(y == c, probs[:, c], sample_weight=sw) for c in range(k)]))
@@ -91,7 +98,7 @@ def _accuracy_probs(n, n_correct):
 
 def test_bootstrap_interval_matches_the_binomial_width():
     y, probs = _accuracy_probs(400, 320)  # accuracy 0.8
-    ci = ev.bootstrap_ci(y, probs, ["a", "b"], n_resamples=2000, seed=1)
+    ci = bootstrap_ci(y, probs, ["a", "b"], n_resamples=2000, seed=1)
     lo, hi = ci["accuracy"]
     assert lo < 0.8 < hi
     expected = 2 * 1.96 * np.sqrt(0.8 * 0.2 / 400)  # 0.078
@@ -101,7 +108,7 @@ def test_bootstrap_interval_matches_the_binomial_width():
 
 def test_perfect_model_has_a_degenerate_interval():
     y = np.repeat([0, 1, 2], 10)
-    ci = ev.bootstrap_ci(y, np.eye(3)[y], ["a", "b", "c"], n_resamples=200)
+    ci = bootstrap_ci(y, np.eye(3)[y], ["a", "b", "c"], n_resamples=200)
     assert ci["accuracy"] == [1.0, 1.0] and ci["roc_auc"] == [1.0, 1.0]
     assert ci["per_class"]["b"]["sensitivity"] == [1.0, 1.0]
 
@@ -113,9 +120,9 @@ def test_cluster_bootstrap_resamples_patients_not_slices():
     y4, p4 = np.repeat(y, 4), np.repeat(probs, 4, axis=0)
     patients = np.repeat(np.arange(100), 4)
     width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
-    single = ev.bootstrap_ci(y, probs, ["a", "b"], 2000, seed=3)
-    cluster = ev.bootstrap_ci(y4, p4, ["a", "b"], 2000, clusters=patients, seed=3)
-    naive = ev.bootstrap_ci(y4, p4, ["a", "b"], 2000, seed=3)
+    single = bootstrap_ci(y, probs, ["a", "b"], 2000, seed=3)
+    cluster = bootstrap_ci(y4, p4, ["a", "b"], 2000, clusters=patients, seed=3)
+    naive = bootstrap_ci(y4, p4, ["a", "b"], 2000, seed=3)
     assert cluster["unit"] == "patient"
     assert width(cluster) == pytest.approx(width(single), rel=0.15)
     assert width(naive) == pytest.approx(width(single) / 2, rel=0.2)
@@ -129,18 +136,18 @@ def test_perfectly_calibrated_model_has_ece_near_zero():
     conf = rng.uniform(0.5, 1.0, n)
     y = (rng.uniform(size=n) < conf).astype(int)  # class 1 is right with probability conf
     probs = np.stack([1 - conf, conf], 1)
-    assert ev.expected_calibration_error(probs, y) < 0.01
+    assert expected_calibration_error(probs, y) < 0.01
 
 
 def test_ece_by_hand():
     # always 100 % sure, right half the time: ECE = |0.5 - 1.0| = 0.5
     y = np.array([0, 1, 0, 1])
     probs = np.array([[1.0, 0.0]] * 4)
-    assert ev.expected_calibration_error(probs, y) == pytest.approx(0.5)
+    assert expected_calibration_error(probs, y) == pytest.approx(0.5)
     # two bins: conf .7 (2 right of 2) and conf .9 (1 of 2): ECE = .5*|1-.7| + .5*|.5-.9| = .35
     probs = np.array([[0.7, 0.3], [0.3, 0.7], [0.9, 0.1], [0.9, 0.1]])
     y = np.array([0, 1, 0, 1])
-    assert ev.expected_calibration_error(probs, y, bins=10) == pytest.approx(0.35)
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.35)
 
 
 def test_temperature_scaling_recovers_the_overconfidence_factor():
@@ -151,7 +158,7 @@ def test_temperature_scaling_recovers_the_overconfidence_factor():
     y = np.array([rng.choice(k, p=p) for p in true])
     over = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)  # the model's logits are 3x too large
     half = n // 2
-    cal, scaled = ev.calibration(over[half:], y[half:], val=(over[:half], y[:half]))
+    cal, scaled = calibration(over[half:], y[half:], val=(over[:half], y[:half]))
     assert cal["temperature"] == pytest.approx(3.0, rel=0.08)
     assert cal["ece"] > 0.1 and cal["ece_scaled"] < 0.02
     assert cal["nll_scaled"] < cal["nll"]
@@ -172,7 +179,7 @@ def test_model_that_ignores_a_subgroup_shows_the_gap():
     pred = y.copy()
     pred[sex == "M"] = 0  # never finds the positive class in men
     probs = np.eye(2)[pred] * 0.9 + 0.05
-    out, table = ev.subgroup_audit(y, probs, ["normal", "lesion"], {"sex": sex, "site": np.full(len(y), "")},
+    out, table = subgroup_audit(y, probs, ["normal", "lesion"], {"sex": sex, "site": np.full(len(y), "")},
                                    gap_threshold=0.1)
     s = out["attributes"]["sex"]
     assert s["groups"]["F"]["accuracy"] == 1.0 and s["groups"]["F"]["sensitivity"] == 1.0
@@ -195,7 +202,7 @@ def test_fair_model_is_not_flagged_and_small_groups_leave_the_gap():
     age = np.where(np.arange(len(y)) < 195, "40-49", "80-89")
     pred[195:] = 1 - y[195:]  # the 5 oldest are all wrong, but too few to count
     probs = np.eye(2)[pred] * 0.9 + 0.05
-    out, _ = ev.subgroup_audit(y, probs, ["a", "b"], {"sex": sex, "age_band": age}, min_group_size=8,
+    out, _ = subgroup_audit(y, probs, ["a", "b"], {"sex": sex, "age_band": age}, min_group_size=8,
                                gap_threshold=0.1, gap_metrics=["accuracy"])
     assert out["attributes"]["sex"]["gaps"]["accuracy"]["gap"] == pytest.approx(0.05)  # 90 vs 85 % right
     assert not out["attributes"]["sex"]["flagged"]
@@ -210,8 +217,8 @@ def test_flag_follows_the_threshold():
     pred = y.copy()
     pred[:20] = 1 - pred[:20]  # F: 80 % right, M: 100 %
     probs = np.eye(2)[pred] * 0.9 + 0.05
-    strict, _ = ev.subgroup_audit(y, probs, ["a", "b"], {"sex": sex}, gap_threshold=0.1, gap_metrics=["accuracy"])
-    lax, _ = ev.subgroup_audit(y, probs, ["a", "b"], {"sex": sex}, gap_threshold=0.25, gap_metrics=["accuracy"])
+    strict, _ = subgroup_audit(y, probs, ["a", "b"], {"sex": sex}, gap_threshold=0.1, gap_metrics=["accuracy"])
+    lax, _ = subgroup_audit(y, probs, ["a", "b"], {"sex": sex}, gap_threshold=0.25, gap_metrics=["accuracy"])
     assert strict["largest_gap"]["gap"] == pytest.approx(0.2)
     assert strict["flagged"] and not lax["flagged"]
 
@@ -241,7 +248,7 @@ def test_gradcam_and_ig_point_at_the_evidence():
     model = MaskedHalves().eval()
     x = torch.rand(6, 1, 8, 8) + 0.1
     target = torch.tensor([0, 1, 0, 1, 0, 1])
-    gc, ig, delta = ev.attribution_maps(model, x, target, model.block, ig_steps=8)
+    gc, ig, delta = attribution_maps(model, x, target, model.block, ig_steps=8)
     for maps in (gc, ig):
         left, right = maps[..., :4].sum((1, 2)), maps[..., 4:].sum((1, 2))
         assert (left[target == 0] > 0).all() and np.allclose(right[target == 0], 0, atol=1e-6)
@@ -258,17 +265,17 @@ def test_randomization_check_tells_model_dependent_maps_from_model_independent_o
     target = torch.zeros(8, dtype=torch.long)
     # a linear model: IG = x * w, so with a constant image the map is the weights themselves
     linear = nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(256, 2)).eval()
-    r = ev.randomization_test(linear, x, target, layer_fn=lambda m: m[0], ig_steps=4, seed=1)
+    r = randomization_test(linear, x, target, layer_fn=lambda m: m[0], ig_steps=4, seed=1)
     assert abs(r["integrated_gradients"]) < 0.25
     # the mask, not the weights, decides where MaskedHalves looks: the maps survive randomization
     masked = MaskedHalves(16).eval()
     xr = torch.rand(8, 1, 16, 16)
-    r = ev.randomization_test(masked, xr, target, layer_fn=lambda m: m.block, ig_steps=4, seed=1)
+    r = randomization_test(masked, xr, target, layer_fn=lambda m: m.block, ig_steps=4, seed=1)
     assert r["integrated_gradients"] > 0.9 and r["gradcam"] > 0.9
     # identical maps have similarity 1; the randomized copy shares no parameter value
     a = np.random.default_rng(0).random((3, 5, 5))
-    assert ev.rank_similarity(a, a) == pytest.approx(1.0)
-    rnd = ev.randomized_copy(linear, seed=1)
+    assert rank_similarity(a, a) == pytest.approx(1.0)
+    rnd = randomized_copy(linear, seed=1)
     assert not torch.equal(rnd[2].weight, linear[2].weight)
 
 
@@ -276,8 +283,8 @@ def test_examples_are_seeded_per_class_correct_and_wrong():
     y = np.repeat([0, 1, 2], 10)
     pred = y.copy()
     pred[[0, 1, 2, 10]] = 2  # class 0: 3 wrong, class 1: 1 wrong, class 2: none wrong
-    ex = ev.select_examples(y, pred, per_class=2, seed=5)
-    assert ex == ev.select_examples(y, pred, per_class=2, seed=5)
+    ex = select_examples(y, pred, per_class=2, seed=5)
+    assert ex == select_examples(y, pred, per_class=2, seed=5)
     counts = {(int(y[i]), c): 0 for i, c in ex}
     for i, c in ex:
         counts[(int(y[i]), c)] += 1
@@ -303,7 +310,7 @@ def _linear_problem(n=200, d=16, seed=0):
 def test_fgsm_on_a_linear_model_matches_the_closed_form():
     model, x, y, w, score = _linear_problem()
     eps = [0.0, 0.05, 0.2, 0.5]
-    rob = ev.robustness(model, x, y, eps, clip_min=np.full((1, 1, 1), -100.0), clip_max=np.full((1, 1, 1), 100.0),
+    rob = robustness(model, x, y, eps, clip_min=np.full((1, 1, 1), -100.0), clip_max=np.full((1, 1, 1), 100.0),
                         pgd_steps=10)
     clean = float(((score > 0) == y).mean())
     assert rob["clean_accuracy"] == pytest.approx(clean)
@@ -324,19 +331,19 @@ def test_attacks_respect_the_image_range():
     model, x, y, w, score = _linear_problem(n=50)
     x = np.clip(x, -1, 1)
     right = ((x.reshape(len(x), -1) @ w > 0) == y)
-    rob = ev.robustness(model, x[right], y[right], [0.0, 1000.0], np.full((1, 1, 1), -1.0), np.full((1, 1, 1), 1.0))
+    rob = robustness(model, x[right], y[right], [0.0, 1000.0], np.full((1, 1, 1), -1.0), np.full((1, 1, 1), 1.0))
     # the worst case inside [-1, 1] is the corner -sign(w) (class 1) or +sign(w) (class 0): always wrong
     assert rob["clean_accuracy"] == 1.0 and rob["fgsm"][1] == 0.0
-    rob = ev.robustness(model, x[right], y[right], [1000.0], np.full((1, 1, 1), -1.0), np.full((1, 1, 1), 1.0))
+    rob = robustness(model, x[right], y[right], [1000.0], np.full((1, 1, 1), -1.0), np.full((1, 1, 1), 1.0))
     assert rob["epsilons"] == [1000.0]
 
 
 def test_stratified_subsample():
     y = np.repeat([0, 1, 2], [50, 5, 20])
-    idx = ev.stratified_subsample(y, 12, seed=0)
+    idx = stratified_subsample(y, 12, seed=0)
     assert len(idx) == 12 and len(set(idx)) == 12 and (np.diff(idx) > 0).all()
     assert np.bincount(y[idx]).tolist() == [4, 4, 4]
-    assert (ev.stratified_subsample(y, 0) == np.arange(len(y))).all()
+    assert (stratified_subsample(y, 0) == np.arange(len(y))).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +427,14 @@ def tiny_evaluated(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny project, evaluated once per test session (test_report.py builds its page on it)."""
     if not _TINY:
         root = make_tiny_project(tmp_path_factory.mktemp("tiny") / "proj")
-        metrics = ev.evaluate(root / "train" / "model.pt", root / "preprocess", root / "evaluate", settings=FAST,
-                              seed=1)
+        out = root / "evaluate"
+        # the file names the rule gives (test_report.py reads the plots under these names)
+        outputs = ev.Outputs(metrics=out / "metrics.json", subgroups_table=out / "subgroups.csv",
+                             predictions=out / "predictions.npz", explain_maps=out / "explain.npz",
+                             plots={kind: out / f"{kind}.png" for kind in ev.PLOT_KINDS})
+        metrics = ev.evaluate(root / "train" / "model.pt", root / "preprocess" / "test.zarr",
+                              root / "preprocess" / "val.zarr", outputs,
+                              settings={**section_defaults("evaluate"), **FAST}, task="classification", seed=1)
         _TINY.update(root=root, metrics=metrics)
     return _TINY["root"], _TINY["metrics"]
 
@@ -434,7 +447,8 @@ def tiny(tmp_path_factory):
 def test_stage_writes_every_output(tiny):
     root, m = tiny
     out = root / "evaluate"
-    for name in ev.PLOTS:
+    for kind in ev.PLOT_KINDS:
+        name = f"{kind}.png"
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     saved = json.loads((out / "metrics.json").read_text())  # strict JSON: no NaN
@@ -450,6 +464,16 @@ def test_stage_writes_every_output(tiny):
     assert rob["pgd"][-1] <= rob["fgsm"][-1] <= rob["fgsm"][0]
     assert saved["settings"]["positive_label"] == "right" and saved["positive_class"] == "right"
     assert (out / "subgroups.csv").read_text().startswith("attribute,group,metric,value")
+    assert (out / "predictions.npz").is_file() and (out / "explain.npz").is_file()
+
+
+def test_rule_names_every_figure_the_stage_draws():
+    """The file names live in the rule only: it must hand the stage a path for every figure."""
+    rule = (Path(__file__).resolve().parents[1] / "rules" / "evaluate.smk").read_text()
+    for kind in ev.PLOT_KINDS:
+        assert f"--plot {kind}={{output.{kind}:q}}" in rule, kind
+    with pytest.raises(ValueError, match="unknown plot"):
+        ev.Outputs(metrics="m.json", plots={"histogram": "h.png"})
 
 
 def test_stage_model_learned_and_flat_metrics(tiny):

@@ -165,7 +165,11 @@ def test_resumed_training_equals_an_uninterrupted_one(root, runs, tmp_path):
     work = runs["work"]
     res = work / "results" / PROJECT
     clean = tmp_path / "train"
-    run = subprocess.run([sys.executable, "-m", "haven.cli", "train", str(res / "preprocess"), str(clean),
+    pre = res / "preprocess"
+    run = subprocess.run([sys.executable, "-m", "haven.cli", "train", "--train", str(pre / "train.zarr"),
+                          "--val", str(pre / "val.zarr"), "--stats", str(pre / "stats.json"),
+                          "--splits", str(pre / "splits.csv"), "--model", str(clean / "model.pt"),
+                          "--history", str(clean / "history.csv"), "--summary", str(clean / "run.json"),
                           "--best-config", str(res / "tune" / "best_config.yaml"), "--config",
                           str(work / "config.yaml"), "--project", PROJECT], cwd=tmp_path, capture_output=True,
                          text=True, timeout=900)

@@ -1,1 +1,2 @@
-"""trust"""
+"""trust: the evaluate stage (:mod:`haven.trust.evaluate`) and the checks it runs, one module each:
+metrics, calibration, subgroups, explain, robustness, plots."""
