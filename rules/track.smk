@@ -6,11 +6,11 @@ rule register:
         run=P("train/run.json"),
         metrics=P("evaluate/metrics.json"),
         report=P("report/index.html"),
+        card=P("report/model_card.md"),
     output:
         P("track/registered.json"),
     params:
         settings=settings("register"),
-        results=lambda w: f"{R}/{w.project}",
     resources:
         **CPU_SITE,
     log:
@@ -18,7 +18,8 @@ rule register:
     conda:
         "../envs/track.yaml"
     shell:
-        "haven register {params.results:q} {output:q} "
+        "haven register --model {input.model:q} --run {input.run:q} --metrics {input.metrics:q} "
+        "--report {input.report:q} --card {input.card:q} --out {output:q} "
         "--rule register --params {params.settings:q} > {log:q} 2>&1"
 
 

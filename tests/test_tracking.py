@@ -114,7 +114,7 @@ def test_registry_versions_carry_metrics_and_report_and_compare_lists_projects(t
               for d in train_run.inputs.dataset_inputs}
     assert inputs == {("toy-a-train", "training"), ("toy-a-val", "validation")}
 
-    first = trk.register_model(a, {**base, "project": "toy-a", "experiment": "haven-toy-a"}, "haven-toy-a")
+    first = trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"}, "haven-toy-a")
     assert first["version"] == 1 and first["champion_version"] == 1
     version = client.get_model_version("haven-toy-a", "1")
     evaluated = json.loads((a / "evaluate" / "metrics.json").read_text())
@@ -132,12 +132,12 @@ def test_registry_versions_carry_metrics_and_report_and_compare_lists_projects(t
     metrics = a / "evaluate" / "metrics.json"
     worse = {**evaluated, "balanced_accuracy": -1.0}
     metrics.write_text(json.dumps(worse))
-    assert trk.register_model(a, {**base, "project": "toy-a", "experiment": "haven-toy-a"},
+    assert trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
                               "haven-toy-a")["champion_version"] == 1
     metrics.write_text(json.dumps({**evaluated, "balanced_accuracy": 2.0}))
-    assert trk.register_model(a, {**base, "project": "toy-a", "experiment": "haven-toy-a"},
+    assert trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
                               "haven-toy-a")["champion_version"] == 3
-    trk.register_model(b, {**base, "project": "toy-b", "experiment": "haven-toy-b"}, "haven-toy-b")
+    trk.register_model(trk.RegisterFiles.in_results(b), {**base, "project": "toy-b", "experiment": "haven-toy-b"}, "haven-toy-b")
 
     table = trk.compare({"toy-a": "haven-toy-a", "toy-b": "haven-toy-b", "none": "haven-none"}, results)
     assert list(table["project"]) == ["toy-a", "toy-b", "none"]

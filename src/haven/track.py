@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 #: the metrics the model registry and `haven compare` show, in this order
@@ -176,7 +177,25 @@ def _numeric(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
+@dataclass(frozen=True)
+class RegisterFiles:
+    """What the register stage reads: the model, the train run, its test metrics and its report."""
+
+    model: Path
+    run: Path
+    metrics: Path
+    report: Path
+    card: Path
+
+    @classmethod
+    def in_results(cls, project_dir: str | os.PathLike) -> "RegisterFiles":
+        """The files where the rules put them under a project's results folder (by hand, tests)."""
+        d = Path(project_dir)
+        return cls(d / "train" / "model.pt", d / "train" / "run.json", d / "evaluate" / "metrics.json",
+                   d / "report" / "index.html", d / "report" / "model_card.md")
+
+
+def register_model(files: RegisterFiles, tracking: dict, name: str,
                    metric: str = "test_balanced_accuracy", alias: str = "champion") -> dict:
     """Register the project's final model (the train run's ``model.pt``, as an MLflow PyTorch
     model) as a new version of ``name``: version tags and description carry the test metrics,
@@ -188,22 +207,19 @@ def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
 
     from haven.learn.checkpoint import load_model
 
-    project_dir = Path(project_dir)
-    run_info = json.loads((project_dir / "train" / "run.json").read_text())
-    run_id = run_info.get("mlflow_run_id")
+    run_id = json.loads(Path(files.run).read_text()).get("mlflow_run_id")
     if not run_id:
-        raise ValueError(f"{project_dir / 'train' / 'run.json'} names no MLflow run (was tracking off?)")
-    evaluated = json.loads((project_dir / "evaluate" / "metrics.json").read_text())
+        raise ValueError(f"{files.run} names no MLflow run (was tracking off?)")
+    evaluated = json.loads(Path(files.metrics).read_text())
     test = {f"test_{k}": v for k, v in _numeric(evaluated).items() if k not in ("n", "chance_accuracy")}
-    report = project_dir / "report" / "index.html"
-    card = project_dir / "report" / "model_card.md"
-    model, meta = load_model(project_dir / "train" / "model.pt")
+    report = Path(files.report)
+    model, meta = load_model(files.model)
 
     with session(tracking):
         client = MlflowClient()
         train_run = client.get_run(run_id)
         with mlflow.start_run(run_id=run_id):
-            for path in (report, card):
+            for path in (report, Path(files.card)):
                 if path.is_file():
                     mlflow.log_artifact(str(path), artifact_path="report")
             report_artifact = mlflow.get_artifact_uri("report/index.html")
@@ -218,15 +234,9 @@ def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
                 "haven.train_run_id": run_id, "report": report_link, "report_artifact": report_artifact,
                 "backbone": meta["backbone"]}
         version = mlflow.register_model(info.model_uri, name, tags=tags)
-        lines = [f"**{tracking['project']}**: {meta['backbone']} for {len(meta['classes'])} classes "
-                 f"({', '.join(map(str, meta['classes'][:12]))}{' ...' if len(meta['classes']) > 12 else ''}).", "",
-                 "| test metric | value |", "|---|---|"]
-        lines += [f"| {k[5:]} | {v:.4f} |" for k, v in test.items()]
-        lines += ["", f"Report: [{report_link or 'index.html'}]({report_link}) · in MLflow: `{report_artifact}`",
-                  f"Train run `{run_id}`, tune run `{lineage.get('haven.tune_run_id', '')}`, "
-                  f"commit `{lineage.get('haven.git_commit', '')}`, "
-                  f"audited data `{lineage.get('haven.data_manifest_hash', '')}`."]
-        client.update_model_version(name, version.version, description="\n".join(lines))
+        description = _version_description(tracking["project"], meta, test, report_link, report_artifact, run_id,
+                                           lineage)
+        client.update_model_version(name, version.version, description=description)
         if not client.get_registered_model(name).description:
             client.update_registered_model(
                 name, description=f"haven: the final model of project {tracking['project']} (one version per "
@@ -239,6 +249,21 @@ def register_model(project_dir: str | os.PathLike, tracking: dict, name: str,
             "champion_version": int(champion) if champion is not None else None, "train_run_id": run_id,
             "tune_run_id": lineage.get("haven.tune_run_id"), "metrics": test, "report": report_link,
             "report_artifact": report_artifact, "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def _version_description(project: str, meta: dict, test: dict, report_link: str, report_artifact: str,
+                         run_id: str, lineage: dict) -> str:
+    """The model version's description: what it classifies, its test metrics and where it came from."""
+    classes = meta["classes"]
+    lines = [f"**{project}**: {meta['backbone']} for {len(classes)} classes "
+             f"({', '.join(map(str, classes[:12]))}{' ...' if len(classes) > 12 else ''}).", "",
+             "| test metric | value |", "|---|---|"]
+    lines += [f"| {k[5:]} | {v:.4f} |" for k, v in test.items()]
+    lines += ["", f"Report: [{report_link or 'index.html'}]({report_link}) · in MLflow: `{report_artifact}`",
+              f"Train run `{run_id}`, tune run `{lineage.get('haven.tune_run_id', '')}`, "
+              f"commit `{lineage.get('haven.git_commit', '')}`, "
+              f"audited data `{lineage.get('haven.data_manifest_hash', '')}`."]
+    return "\n".join(lines)
 
 
 def _log_pytorch_model(model, meta: dict):

@@ -12,7 +12,7 @@ log = logging.getLogger("haven")
 
 
 def cmd_register(args) -> int:
-    from haven.track import register_model
+    from haven.track import RegisterFiles, register_model
 
     s = settings(args)
     lineage(args, s)
@@ -21,7 +21,8 @@ def cmd_register(args) -> int:
         raise ValueError("register needs the project's tracking settings (project, experiment, results)")
     prefix = args.prefix if args.prefix is not None else s["registry_prefix"]
     metric = args.metric or s["best_metric"]
-    info = register_model(Path(args.results), trk, f"{prefix}{s['project']}", metric=metric)
+    files = RegisterFiles(Path(args.model), Path(args.run), Path(args.metrics), Path(args.report), Path(args.card))
+    info = register_model(files, trk, f"{prefix}{s['project']}", metric=metric)
     out = Path(args.out)
     from haven.io import atomic_write_text
 
@@ -53,8 +54,12 @@ def cmd_compare(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("register", help="register the project's model in the MLflow model registry")
-    p.add_argument("results", help="the project's results folder")
-    p.add_argument("out", help="where to write registered.json")
+    p.add_argument("--model", required=True, help="the train stage's model.pt")
+    p.add_argument("--run", required=True, help="the train stage's run.json (the MLflow run of the model)")
+    p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json")
+    p.add_argument("--report", required=True, help="the project's report page (linked from the version)")
+    p.add_argument("--card", required=True, help="the model card (logged beside the report)")
+    p.add_argument("--out", required=True, help="where to write registered.json")
     p.add_argument("--prefix", help="registered model name = PREFIX + project (default: config registry_prefix)")
     p.add_argument("--metric", help="metric that picks the `champion` version (default: config best_metric)")
     stage_args(p)
