@@ -95,3 +95,22 @@ def test_import_graph_sees_imports_inside_functions():
 def test_no_import_circles_in_haven():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+# The guide for a module a newcomer can read in one sitting: past these sizes, split it.
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_small():
+    too_big = []
+    for name, path in sorted(_modules().items()):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_big.append(f"module {name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_big.append(f"function {name}.{node.name}: {length} lines")
+    assert not too_big, "split these: " + "; ".join(too_big)
