@@ -1,9 +1,17 @@
 """haven: a Snakemake-orchestrated deep-learning pipeline for image research.
 
-One module per stage of the DAG: ``demo`` (demo data), ``ingest``, ``anonymize``,
-``audit``, ``preprocess``, ``tune``, ``train``, ``evaluate``, ``report``;
-``tracking`` wraps MLflow, ``keys`` holds the keyed pseudonym primitives and
-``cli`` exposes every stage as a ``haven`` subcommand.
+The package follows the DAG (docs/architecture.md is the map):
+
+* ``sources`` - one reader per data kind (DICOM, images) behind one interface;
+* ``ingest`` - a source folder into a manifest, identifiers and quarantine list (the PHI zone);
+* ``deid`` - the de-identification subsystem: the PS3.15 profile as data, the DICOM anonymizer,
+  pixel text, defacing, image metadata, and the audit that gates everything downstream;
+* ``learn`` - preprocess (Zarr), models, the training loop, tune, and one ``Task`` per task;
+* ``trust`` - evaluate: metrics with CIs, calibration, subgroups, explanations, robustness;
+* ``report`` - the per-project page and model card (templates);
+* ``track`` (MLflow), ``config`` (the schema and the one settings builder), ``cli`` (one
+  ``haven`` subcommand per stage), and the small shared helpers ``io``, ``keys``, ``cluster``,
+  ``shards`` (hashing only) and ``demo``.
 """
 
 __version__ = "0.1.0"
