@@ -413,3 +413,17 @@ def test_own_meta_reader_gives_what_dcmread_gives(monkeypatch):
     assert own == results()
     assert sum(taken) > 80
     assert sum(isinstance(r[0], dict) for r in own) > 100  # accepted files, compared field by field
+
+
+def test_quarantine_reason_hides_a_quoted_path_the_same_way_in_every_process(tmp_path):
+    # the path's spellings were replaced in a set's order, which changes with string hashing:
+    # some runs wrote <file>, others '<file>' (seen on the digits demo's corrupt PNG)
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from haven.sources.base import reason; p = Path(sys.argv[1]); "
+            "print(reason(OSError(f'cannot identify image file {str(p)!r}'), p))")
+    bad = tmp_path / "bad.png"
+    seen = {subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(8)}
+    assert seen == {"OSError: cannot identify image file <file>"}
