@@ -9,8 +9,16 @@ and peak memory (RSS) of one shard job as the cohort grows.
 * memory: the peak RSS of one ingest and one anonymize shard job (``files_per_shard`` files) at
   10k and at 100k files: a shard job's memory depends on its shard, not on the cohort.
 
-    python benchmarks/ingest.py                   # 10k and 100k files
+* real compressed CT (``--real N``, default 2000): deid-data's two Siemens head CTs (JPEG
+  Baseline, YBR_FULL_422), copied to N files with their own patients, UIDs and planted PHI as
+  benchmarks/anonymize.py builds them; in this process, one core: ``haven.ingest.ingest`` next to
+  the bare header loop, and ingest + anonymize + audit (``haven deid`` end to end) next to
+  dicognito's anonymize (read, anonymize, save) alone, each pair run interleaved, best of
+  ``--repeat`` rounds, as files/s and their ratio.
+
+    python benchmarks/ingest.py                   # 10k and 100k files, then 2000 real CT
     python benchmarks/ingest.py --sizes 2000 20000 --files-per-shard 1000
+    python benchmarks/ingest.py --real-only --real 2000
 """
 
 from __future__ import annotations
@@ -86,7 +94,14 @@ def main() -> int:
     ap.add_argument("--files-per-shard", type=int, default=5000)
     ap.add_argument("--work", default="/tmp/haven-ingest-bench")
     ap.add_argument("--throughput-only", action="store_true", help="skip the peak-RSS runs (100k files)")
+    ap.add_argument("--real", type=int, default=2000, help="real JPEG CT files (0: skip)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the real-CT pairs (best kept)")
+    ap.add_argument("--real-only", action="store_true", help="only the real compressed CT runs")
     args = ap.parse_args()
+    if args.real:
+        real_ct(Path(args.work) / "real", args.real, args.repeat)
+    if args.real_only:
+        return 0
     work = Path(args.work)
     small, sizes = args.sizes[0], args.sizes
     src = make_cohort(work / f"cohort-{small}", small, per_patient=10)
@@ -144,6 +159,86 @@ def main() -> int:
                          "--params", PARAMS)
         print(f"  {size:>7} files, {shards:>3} shards: ingest {rss_i:5d} MiB, anonymize {rss_a:5d} MiB", flush=True)
     return 0
+
+
+def real_corpus(root: Path, n: int) -> list[Path]:
+    """``n`` copies of deid-data's two JPEG-compressed YBR head CTs, built as benchmarks/anonymize.py
+    builds its corpus (its third base, pydicom's uncompressed CT_small, replaced by the first)."""
+    import deid_data
+    import pydicom.data
+
+    from anonymize import make_corpus
+
+    first = str(Path(deid_data.__file__).parent / "data" / "humans" / "ctbrain1.dcm")
+    real = pydicom.data.get_testdata_file
+    pydicom.data.get_testdata_file = lambda name, *a, **k: first  # noqa: ARG005 - only CT_small is asked
+    try:
+        return make_corpus(root, n, per_patient=20)
+    finally:
+        pydicom.data.get_testdata_file = real
+
+
+def real_ct(work: Path, n: int, repeat: int) -> None:
+    """haven on real compressed CT, in this process: ingest vs the bare header loop, and ingest +
+    anonymize + audit vs dicognito's anonymize, interleaved (the machine is shared: ratios, not
+    absolute figures, are what compares)."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    from anonymize import KEY as ANON_KEY
+    from anonymize import run_dicognito
+    from haven.deid.anonymize import anonymize
+    from haven.deid.audit import gate
+    from haven.ingest import ingest
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    files = real_corpus(work / "corpus", n)
+    src = work / "corpus"
+
+    def fresh(name: str) -> Path:
+        shutil.rmtree(work / name, ignore_errors=True)
+        (work / name).mkdir(parents=True)
+        return work / name
+
+    def header_loop() -> None:
+        for f in files:
+            pydicom.dcmread(f, stop_before_pixels=True)
+
+    def haven_ingest() -> None:
+        ingest(src, fresh("ingest"))
+
+    def haven_deid() -> None:
+        ing, out = fresh("deid-ingest"), fresh("deid")
+        ingest(src, ing)
+        anonymize(src, ing / "manifest.csv", ANON_KEY, data=out / "data", manifest=out / "manifest.csv",
+                  log_csv=out / "anonymization.log.csv", quarantine=out / "quarantine.csv")
+        result, _ = gate([out / "data"], out / "manifest.csv", out / "anonymization.log.csv",
+                         ing / "identifiers.csv", ing / "manifest.csv", out / "audit.json")
+        audits.append(len(result["findings"]))  # gate is given no key: shifted dates may coincide
+
+    def dicognito() -> None:
+        run_dicognito(files, fresh("dicognito"))
+
+    best: dict[str, float] = {}
+    audits: list[int] = []
+    for _ in range(repeat):  # interleaved pairs, the best of each kept
+        for name, fn in (("header", header_loop), ("ingest", haven_ingest), ("dicognito", dicognito),
+                         ("deid", haven_deid)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+    rate = {k: n / t for k, t in best.items()}
+    print(f"{n} real CT slices (deid-data's 2 Siemens head CTs, JPEG Baseline, YBR_FULL_422, 456x510), "
+          f"{n // 20} patients; in this process, best of {repeat} interleaved rounds")
+    print(f"  bare dcmread(stop_before_pixels)  {rate['header']:8.0f} files/s")
+    print(f"  haven ingest                      {rate['ingest']:8.0f} files/s  = {rate['ingest'] / rate['header']:.0%} "
+          f"of the header loop (target 90%)")
+    print(f"  dicognito anonymize (read+save)   {rate['dicognito']:8.0f} files/s")
+    print(f"  haven ingest+anonymize+audit      {rate['deid']:8.0f} files/s  = "
+          f"{rate['deid'] / rate['dicognito']:.2f}x dicognito (target 3x); audit findings {audits[-1]}", flush=True)
 
 
 if __name__ == "__main__":

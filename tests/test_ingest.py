@@ -427,3 +427,145 @@ def test_quarantine_reason_hides_a_quoted_path_the_same_way_in_every_process(tmp
     seen = {subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(8)}
     assert seen == {"OSError: cannot identify image file <file>"}
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel data checked by its structure (sources/dicompixels.py), not by decoding every image
+
+
+def _jpeg_frame(size: int = 16) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(size * size) % 251).astype(np.uint8).reshape(size, size)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _encapsulated(fragments: list[bytes], bot: bytes = b"") -> bytes:
+    out = b"\xfe\xff\x00\xe0" + len(bot).to_bytes(4, "little") + bot
+    for f in fragments:
+        f += b"\x00" * (len(f) & 1)
+        out += b"\xfe\xff\x00\xe0" + len(f).to_bytes(4, "little") + f
+    return out
+
+
+def _jpeg_ct(path: Path, pixel_data: bytes, rows: int = 16, cols: int = 16) -> Path:
+    """A JPEG Baseline CT file (8-bit grey) with the given encapsulated pixel data."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    _ct(path, Rows=rows, Columns=cols)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = pixel_data
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _pixel_reasons(tmp_path: Path, files: dict[str, bytes | tuple]) -> dict[str, str]:
+    """Ingest one JPEG file per entry (pixel data, or (pixel data, rows, cols)): path -> reason, "OK"."""
+    for name, spec in files.items():
+        data, rows, cols = spec if isinstance(spec, tuple) else (spec, 16, 16)
+        _jpeg_ct(tmp_path / "src" / "c" / f"{name}.dcm", data, rows, cols)
+    ingest(tmp_path / "src", tmp_path / "out")
+    got = {r["path"]: "OK" for r in _read(tmp_path / "out" / "manifest.csv")}
+    got.update({r["path"]: r["reason"] for r in _read(tmp_path / "out" / "quarantine.csv")})
+    return {Path(p).stem: r for p, r in got.items()}
+
+
+def test_good_jpeg_is_accepted_without_decoding(tmp_path, monkeypatch):
+    from pydicom.dataset import Dataset as DS
+
+    frame = _jpeg_frame()
+    monkeypatch.setattr(DS, "pixel_array", property(lambda self: pytest.fail("ingest decoded the pixels")))
+    got = _pixel_reasons(tmp_path, {"plain": _encapsulated([frame]),
+                                    "split": _encapsulated([frame[:100], frame[100:]]),
+                                    "bot": _encapsulated([frame], bot=b"\x00\x00\x00\x00")})
+    assert got == {"plain": "OK", "split": "OK", "bot": "OK"}
+
+
+def test_truncated_jpeg_fragment_is_quarantined(tmp_path):
+    # today's decoder (libjpeg) decodes a cut-off baseline stream without an error, so the old
+    # decode-everything check accepted this file; the missing EOI marker tells
+    frame = _jpeg_frame()
+    cut = frame[: len(frame) // 2 * 2 - 40]
+    got = _pixel_reasons(tmp_path, {"cut": _encapsulated([cut])})
+    assert got["cut"] == ("pixel data cannot be decoded: the JPEG stream has no end marker (truncated fragment)")
+
+
+def test_fragment_longer_than_the_data_is_quarantined(tmp_path):
+    frame = _jpeg_frame()
+    data = bytearray(_encapsulated([frame]))
+    data[12:16] = (len(frame) + 1000).to_bytes(4, "little")  # the item claims more than the file holds
+    got = _pixel_reasons(tmp_path, {"long": bytes(data), "junk": _encapsulated([frame]) + b"\x01\x02\x03\x04"})
+    assert got["long"].startswith("pixel data cannot be decoded: a fragment of") and "(truncated)" in got["long"]
+    assert got["junk"] == "pixel data cannot be decoded: 4 stray bytes after the last fragment (truncated?)"
+
+
+def test_jpeg_frame_header_must_match_the_image_description(tmp_path):
+    # the old check decoded these and failed on the array's shape (caught, with a numpy message)
+    frame = _jpeg_frame()
+    got = _pixel_reasons(tmp_path, {"rows": (_encapsulated([frame]), 15, 16), "cols": (_encapsulated([frame]), 16, 17),
+                                    "nosof": _encapsulated([b"\xff\xd8\xff\xd9"]),
+                                    "notjpeg": _encapsulated([b"\x00" * 64 + b"\xff\xd9"])})
+    assert got["rows"] == ("pixel data does not match the image description: the JPEG stream has rows x columns "
+                           "16 x 16, the header 15 x 16")
+    assert "16 x 16, the header 16 x 17" in got["cols"]
+    assert got["nosof"].endswith("has no readable frame header (SOF)")
+    assert got["notjpeg"].endswith("not a JPEG stream (no SOI marker)")
+
+
+def test_multiframe_structure_against_number_of_frames(tmp_path):
+    frame = _jpeg_frame()
+    table = b"".join(o.to_bytes(4, "little") for o in (0, len(frame) + len(frame) % 2 + 8))
+    cases = {"ok": _encapsulated([frame, frame], bot=table), "short": _encapsulated([frame]),
+             "badtable": _encapsulated([frame, frame], bot=b"\x00\x00\x00\x00\x05\x00\x00\x00"),
+             "tablecount": _encapsulated([frame, frame], bot=b"\x00\x00\x00\x00")}
+    for name, data in cases.items():
+        path = _jpeg_ct(tmp_path / "src" / "c" / f"{name}.dcm", data)
+        ds = pydicom.dcmread(path)
+        ds.NumberOfFrames = 2
+        ds.save_as(path)
+    ingest(tmp_path / "src", tmp_path / "out")
+    q = {Path(r["path"]).stem: r["reason"] for r in _read(tmp_path / "out" / "quarantine.csv")}
+    assert "ok" not in q
+    assert q["short"] == "pixel data cannot be decoded: 1 fragments for 2 frames (truncated?)"
+    assert "does not point at the start of each frame" in q["badtable"]
+    assert q["tablecount"] == "pixel data cannot be decoded: the Basic Offset Table lists 1 frames for 2 in the header"
+
+
+def test_native_length_against_the_image_description(tmp_path):
+    # a short native image was already caught (by length, as today: tests above); an odd-length
+    # image with its pad byte, and excess padding (which pydicom drops when decoding), are accepted
+    src = tmp_path / "c"
+    _ct(src / "ok.dcm")
+    ds = pydicom.dcmread(_ct(src / "odd.dcm", Rows=3, Columns=3))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = bytes(range(9)) + b"\x00"
+    ds.save_as(src / "odd.dcm")
+    for name, change in (("padded", lambda b: b + b"\x00" * 64), ("short", lambda b: b[:-2])):
+        ds = pydicom.dcmread(src / "ok.dcm")
+        ds.SOPInstanceUID = generate_uid()  # not a duplicate of ok.dcm
+        ds.PixelData = change(ds.PixelData)
+        ds.save_as(src / f"{name}.dcm")
+    ingest(tmp_path, tmp_path / "out")
+    assert {r["path"] for r in _read(tmp_path / "out" / "manifest.csv")} == {"c/ok.dcm", "c/odd.dcm", "c/padded.dcm"}
+    q = {r["path"]: r["reason"] for r in _read(tmp_path / "out" / "quarantine.csv")}
+    assert q == {"c/short.dcm": "pixel data cannot be decoded: 126 bytes for an image of 128 bytes (truncated?)"}
+
+
+def test_damage_inside_the_jpeg_stream_stops_preprocess_naming_the_file(tmp_path):
+    # a misplaced marker inside the entropy-coded data: the structure is sound, only a decoder
+    # sees it, so ingest accepts the file and preprocess stops on it with its name
+    from haven.learn.preprocess import DecodeError, load_batch
+
+    frame = bytearray(_jpeg_frame(64))
+    scan = frame.index(b"\xff\xda")
+    frame[scan + 40:scan + 42] = b"\xff\xc4"
+    got = _pixel_reasons(tmp_path, {"damaged": (_encapsulated([bytes(frame)]), 64, 64)})
+    assert got == {"damaged": "OK"}
+    path = tmp_path / "src" / "c" / "damaged.dcm"
+    with pytest.raises(DecodeError, match="damaged.dcm cannot be decoded"):
+        load_batch([path], ["dicom"], {"mode": "gray", "windows": [], "size": 8, "slab": 0})

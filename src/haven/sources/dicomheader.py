@@ -222,12 +222,14 @@ def identifiers(ds, prefix: str = "", codec: str | None = "latin-1"):
             entry = DicomDictionary.get(t) if not tag.group & 1 else None
             vr = raw.VR if raw.VR not in (None, "UN") or entry is None else entry[0]
             fast = None
-            if vr != "SQ" and not tag.group & 1 and entry is not None:
+            private = bool(tag.group & 1)
+            # private elements too, by the VR the file gives (an explicit string VR: the values
+            # pydicom's conversion gives; UN and implicit VR take pydicom's path below)
+            if vr != "SQ" and (entry is not None or private):
                 fast = _raw_strings(ds, t, vr, codec)
             if fast is not None:
-                name, values = prefix + entry[4], fast
-                is_uid = vr == "UI"
-                private = False
+                name = prefix + (f"({t >> 16:04X},{t & 0xFFFF:04X})" if private else entry[4])
+                values, is_uid = fast, vr == "UI"
             else:
                 elem = ds[tag]  # converting a raw element may fail on a malformed value
                 name = prefix + _tag_name(elem)
