@@ -14,6 +14,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
+include: "rules/fetch.smk"
 include: "rules/ingest.smk"
 include: "rules/anonymize.smk"
 include: "rules/preprocess.smk"

@@ -2,11 +2,13 @@
 import json
 
 from haven.cluster import cpus_per_gpu, rule_resources, site_settings
-from haven.config import compare_settings, stage_settings
-from haven.shards import shard_count
+from haven.config import compare_settings, stage_settings, trained_projects
+from haven.shards import remote_source, shard_count
 
 R = config["results"]
 PROJECTS = list(config["projects"])
+# projects that go on to training; the others (`until: audit`) end at the audit (de-identification only)
+TRAINED = trained_projects(config)
 DEMO_ROOT = "data/demo"
 # The cluster's own Slurm values (partition, account, GPU model, ...) from ~/.config/haven/site.yaml
 # or HAVEN_SLURM_* variables (haven.cluster); every rule adds them to its resources.
@@ -42,19 +44,35 @@ def settings(stage):
     return lambda w: json.dumps(stage_settings(config, w.project, stage), sort_keys=True)
 
 
+def fetched_folder(name):
+    """Where a dicomweb project's instances are fetched to (rules/fetch.smk): PHI zone, under ingest."""
+    return f"{R}/{name}/ingest/pacs/data"
+
+
+def source_folder(wildcards):
+    """The folder ingest walks: the project's `source`, or for a dicomweb:// source the fetched one."""
+    p = project(wildcards)
+    return fetched_folder(wildcards.project) if remote_source(p["source"]) else p["source"]
+
+
 def source_inputs(wildcards):
-    """The project's raw inputs: its demo dataset (made by rule demo_data) or the user's folder."""
+    """The project's raw inputs: its demo dataset (made by rule demo_data), the user's folder, or for
+    a dicomweb:// source the fetch's merged listing (rule fetch; the instances lie beside it)."""
     p = project(wildcards)
     if p["demo"]:
         return {"source": f"{DEMO_ROOT}/{p['demo']}"}
-    inputs = {"source": p["source"]}
+    remote = remote_source(p["source"])
+    inputs = {"source": P("ingest/pacs/listing.csv").format(project=wildcards.project) if remote else p["source"]}
     if p["labels"]:
         inputs["labels"] = p["labels"]
     return inputs
 
 
 def all_outputs():
-    outputs = expand(P("report/index.html"), project=PROJECTS)
+    outputs = expand(P("anonymize/audit.json"), project=[p for p in PROJECTS if p not in TRAINED])
+    if not TRAINED:
+        return outputs  # de-identification only: no model to report, register or compare
+    outputs += expand(P("report/index.html"), project=TRAINED)
     if config["register_models"]:
-        outputs += expand(P("track/registered.json"), project=PROJECTS)
+        outputs += expand(P("track/registered.json"), project=TRAINED)
     return outputs + [f"{R}/compare.csv"]

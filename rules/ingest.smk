@@ -23,7 +23,7 @@ rule ingest_shard:
         identifiers=P("ingest/shards/{shard}/identifiers.csv"),
         quarantine=P("ingest/shards/{shard}/quarantine.csv"),
     params:
-        source=lambda w: project(w)["source"],
+        source=source_folder,
         shards=lambda w: SHARDS[w.project],
         settings=settings("ingest"),
     resources:

@@ -87,9 +87,9 @@ def experiment_name(config: dict, name: str) -> str:
 # The project's config sections each stage reads (its rule and `haven <stage> --config` alike);
 # their digest is the stage's ``config_hash`` lineage tag.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("labels", "label_key", "label_column"),
+    "ingest": ("labels", "label_key", "label_column", "until", "pacs"),  # pacs: also `haven fetch`
     "anonymize": ("anonymize",),
-    "audit": ("anonymize",),
+    "audit": ("anonymize", "audit"),
     "preprocess": ("task", "preprocess"),
     "tune": ("task", "model", "train", "tune"),
     "train": ("task", "model", "train"),
@@ -97,8 +97,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "report": ("task", "model", "train", "tune"),
     "register": ("model",),
 }
-# Stages that need to find the pseudonymization key: they get where it is, never the key itself.
-KEY_STAGES = ("anonymize",)
+# Stages that need to find the pseudonymization key: they get where it is, never the key itself
+# (the audit: to check the keyed hashes of its accept list).
+KEY_STAGES = ("anonymize", "audit")
 # Top-level keys a stage needs beside its sections (not part of its config hash).
 STAGE_GLOBALS: dict[str, tuple[str, ...]] = {"register": ("registry_prefix", "best_metric")}
 
@@ -140,9 +141,15 @@ def default_settings_project() -> dict:
     return validate({"projects": {"adhoc": {"source": "."}}}, "defaults")["projects"]["adhoc"]
 
 
+def trained_projects(config: dict) -> list[str]:
+    """The projects whose DAG goes on to training (``until: report``); the others stop at the audit
+    (de-identification only) and have no model to compare or register."""
+    return [p for p, settings in config["projects"].items() if settings["until"] != "audit"]
+
+
 def compare_settings(config: dict) -> dict:
     """What `haven compare` (and rule compare) needs: every project's experiment and the registry."""
-    return {"projects": {p: experiment_name(config, p) for p in config["projects"]},
+    return {"projects": {p: experiment_name(config, p) for p in trained_projects(config)},
             **{k: config[k] for k in ("results", "tracking_uri", "best_metric", "registry_prefix")}}
 
 

@@ -9,6 +9,8 @@ job holds at most about ``files_per_shard`` files in memory, whatever the cohort
 
 Each stage merges its shards' tables into its usual outputs (:func:`haven.ingest.merge_ingest`
 and anonymize's merge), in a fixed order, so the result does not depend on how many shards ran.
+A DICOMweb source (``dicomweb://...``, :mod:`haven.fetch`) is not counted: asking the PACS while
+the DAG is built would query it on every `snakemake -n`, so it runs as ``shards`` jobs (1 unset).
 This module only deals and counts: it imports no stage.
 """
 
@@ -18,6 +20,14 @@ import hashlib
 import math
 import os
 from pathlib import Path
+
+# sources that are a server, not a folder (haven.fetch retrieves them into the PHI zone first)
+REMOTE_SCHEMES = ("dicomweb://", "dicomwebs://")
+
+
+def remote_source(source) -> bool:
+    """Whether ``source`` is a DICOMweb URL rather than a folder."""
+    return str(source).startswith(REMOTE_SCHEMES)
 
 
 def shard_of(rel_path: str, n: int) -> int:
@@ -58,6 +68,8 @@ def shard_count(project: dict) -> int:
     (1 while the source does not exist yet, e.g. a demo still to be generated)."""
     if project.get("shards"):
         return int(project["shards"])
+    if remote_source(project["source"]):
+        return 1  # never counted on the server at DAG-build time (see the module docstring)
     files = count_files(project["source"]) if not project.get("demo") else None
     if not files:
         return 1

@@ -15,9 +15,9 @@ import argparse
 import logging
 import sys
 
-from haven.cli import admin, deid, ingest, learn, report, track, trust
+from haven.cli import admin, deid, deidentify, fetch, ingest, learn, report, track, trust
 
-MODULES = (admin, ingest, deid, learn, trust, report, track)
+MODULES = (admin, fetch, ingest, deid, deidentify, learn, trust, report, track)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = merge.add_subparsers(dest="stage", required=True)
     ingest.add_merge_command(stages)
     deid.add_merge_command(stages)
+    fetch.add_merge_command(stages)
     return parser
 
 
