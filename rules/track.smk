@@ -27,7 +27,7 @@ rule compare:
     """Each project's best run with its metrics side by side (from MLflow) → results/compare.csv."""
     input:
         expand(P("track/registered.json") if config["register_models"] else P("evaluate/metrics.json"),
-               project=PROJECTS),
+               project=TRAINED),
     output:
         f"{R}/compare.csv",
     params:

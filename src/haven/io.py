@@ -1,4 +1,11 @@
-"""Small I/O helpers shared by the stages: atomic writes (no partial file after kill -9)."""
+"""Small I/O helpers shared by the stages: atomic writes (no partial file after kill -9).
+
+Text goes out and comes back as UTF-8 with ``errors="surrogateescape"`` (:data:`TEXT`): a file
+name that is not valid UTF-8 (the Latin-1 bytes ``caf\\xe9.dcm`` from a Windows share) is the
+surrogate-escaped str Python gives it, and is written to the PHI-zone tables as its original bytes,
+so that reading the table back gives the same str and the file opens again.  Valid text is
+encoded exactly as before, byte for byte.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ import io
 import os
 import tempfile
 from pathlib import Path
+
+# how every table is encoded (see the module docstring): pass as ``open(path, **TEXT)``
+TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 @contextlib.contextmanager
@@ -37,7 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+    return atomic_write_bytes(path, text.encode(**TEXT))
 
 
 def csv_text(columns: list[str], rows: list[dict]) -> str:
@@ -51,14 +61,14 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
 
 def read_rows(path: str | os.PathLike):
     """The rows of a CSV file as dicts, streamed."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", **TEXT) as fh:
         yield from csv.DictReader(fh)
 
 
 def write_rows(path: str | os.PathLike, columns: list[str], rows) -> int:
     """Stream rows into ``path`` atomically; returns the count."""
     n = 0
-    with atomic_open(path, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="", **TEXT) as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:

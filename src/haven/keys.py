@@ -84,7 +84,8 @@ def create_key(path: str | os.PathLike) -> Path:
 
 def digest(key: bytes, purpose: str, value: str) -> bytes:
     """HMAC-SHA256 of ``value`` under ``key``, separated by ``purpose`` (domain separation)."""
-    return hmac.new(key, f"{purpose}\x00{value}".encode(), hashlib.sha256).digest()
+    # surrogateescape: a value from a file name that is not UTF-8 hashes as its bytes; valid text as before
+    return hmac.new(key, f"{purpose}\x00{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
 def pseudonym(key: bytes, value: str, prefix: str = "P", length: int = 12) -> str:

@@ -30,17 +30,57 @@ def cmd_audit(args) -> int:
     from haven.deid.audit import gate
 
     s = settings(args)
-    result, target = gate([Path(d) for d in args.data], Path(args.manifest), Path(args.log),
-                          Path(args.identifiers), Path(args.ingest_manifest), Path(args.result),
-                          options=s["anonymize"], data_root=Path(args.data_root) if args.data_root else None)
+    accept = s["audit"]["accept"]
+    # the key checks the accept list's hashes; load_key, not stage_key: the audit never creates a
+    # key (one that anonymize did not use could check nothing)
+    key = _audit_key(s) if accept or args.review else None
+    inputs = ([Path(d) for d in args.data], Path(args.manifest), Path(args.log), Path(args.identifiers),
+              Path(args.ingest_manifest))
+    data_root = Path(args.data_root) if args.data_root else None
+    if args.review:
+        return _review(inputs, key, s, data_root)
+    if not args.result:
+        raise ValueError("--result is required (or --review to list the findings for a reviewer)")
+    result, target = gate(*inputs, Path(args.result), options=s["anonymize"], data_root=data_root,
+                          accept=accept, accept_key=key)
+    # the log says how many findings the accept list cleared, never which values
+    accepted = result["accepted"]["count"]
+    note = f"; {accepted} finding(s) accepted as not PHI (audit.accept)" if accepted else ""
     if not result["passed"]:
         for f in result["findings"][:50]:
             print(f"LEAK {f['file']}: {f['where']} ({f.get('kind', '')})", file=sys.stderr)
-        print(f"audit FAILED: {len(result['findings'])} finding(s) in {result['files']} file(s); "
-              f"details (without values) in {target}", file=sys.stderr)
+        print(f"audit FAILED: {len(result['findings'])} finding(s) in {result['files']} file(s){note}; "
+              f"details (without values) in {target}; a reviewer can list them with `haven audit --review`",
+              file=sys.stderr)
         return 1
-    print(f"audit passed: {result['files']} file(s), 0 findings")
+    print(f"audit passed: {result['files']} file(s), 0 findings{note}")
     return 0
+
+
+def _audit_key(s: dict) -> bytes:
+    from haven.keys import load_key
+
+    return load_key(s.get("key_file"), s.get("key_env"))
+
+
+def _review(inputs: tuple, key: bytes, s: dict, data_root: Path | None) -> int:
+    """`haven audit --review`: the findings with their values, on this terminal only (the PHI zone's
+    reviewer output: nothing is written, no log), each with the config line that accepts it."""
+    from haven.deid.audit import review
+
+    out = review(*inputs, key, options=s["anonymize"], data_root=data_root, accept=s["audit"]["accept"])
+    print("PHI ZONE - the values below are original identifiers: review them here; copy only the "
+          "acceptance lines (keyed hashes) into the config, never a value into a ticket or log.")
+    for row in out["rows"]:
+        print(f"\n{row['file']}\n  place: {row['where']}\n  kind:  {row['kind']}")
+        if row["line"] is None:
+            print("  (no value: an incomplete, unreadable or unchecked output cannot be accepted; fix it)")
+            continue
+        print(f"  value: {row['value']!r}")
+        print(f"  to accept it as not PHI, add under the project's audit: accept: in the config:\n    {row['line']}")
+    print(f"\n{len(out['rows'])} finding(s) to review in {out['files']} file(s); "
+          f"{out['accepted']['count']} already accepted (audit.accept)")
+    return 1 if out["rows"] else 0
 
 
 def cmd_merge(args) -> int:
@@ -89,7 +129,11 @@ def add_commands(sub) -> None:
     p.add_argument("--log", required=True, help="the anonymize stage's anonymization.log.csv")
     p.add_argument("--identifiers", required=True, help="the identifiers ingest saw (identifiers.csv)")
     p.add_argument("--ingest-manifest", required=True, help="the ingest stage's manifest.csv")
-    p.add_argument("--result", required=True,
-                   help="audit.json, written when the audit passes (else NAME.failed.json beside it)")
+    p.add_argument("--result",
+                   help="audit.json, written when the audit passes (else NAME.failed.json beside it); "
+                        "required unless --review")
+    p.add_argument("--review", action="store_true",
+                   help="list the findings WITH their values (for the person responsible for the data, on "
+                        "the terminal) and the config line that accepts each as not PHI; writes nothing")
     stage_args(p)  # optional: anonymize.pixels.modalities are the files whose pixel text is read (OCR)
     p.set_defaults(func=cmd_audit)

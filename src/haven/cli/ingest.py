@@ -21,7 +21,10 @@ def cmd_ingest(args) -> int:
     from haven.shards import parse_shard
 
     out = Tables(Path(args.manifest), Path(args.identifiers), Path(args.quarantine))
-    summary = ingest(Path(args.source), out, **_labels(settings(args)), shard=parse_shard(args.shard))
+    s = settings(args)
+    # labels are needed only from preprocess on: a de-identification-only project goes without
+    summary = ingest(Path(args.source), out, **_labels(s), shard=parse_shard(args.shard),
+                     labels_required=s["until"] != "audit")
     print(json.dumps(summary))
     return 0
 

@@ -41,7 +41,8 @@ from haven.deid.images import clean_image
 from haven.deid.options import method_values, options as complete_options
 from haven.deid.table import option_actions
 from haven.deid.writer import TMP_PREFIX, Meta, method_items, write_bytes, write_dicom
-from haven.io import atomic_write_text, csv_text, read_rows, write_rows
+from haven.io import TEXT, atomic_write_text, csv_text, read_rows, write_rows
+from haven.progress import progress
 from haven.shards import shard_of
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _read_manifest(path: Path):
         raise FileNotFoundError(f"ingest manifest {path} not found: run `haven ingest` first")
 
     def rows():
-        with open(path, newline="") as fh:
+        with open(path, newline="", **TEXT) as fh:  # a path may be any bytes (haven.io.TEXT)
             yield from csv.DictReader(fh)
 
     return rows()
@@ -124,11 +125,14 @@ def anonymize(source: Path, ingest_manifest: Path, key: bytes, *, data: Path, ma
     run = _Run(Path(source), data, key, opts, actions)
     part, parts = shard
     inputs = 0
-    for index, row in enumerate(rows):
-        if parts > 1 and shard_of(_shard_key(row), parts) != part:
-            continue
-        inputs += 1
-        run.add(index, row)
+    # the manifest is streamed, so no total; counts only (a row's path can carry names)
+    with progress("anonymize", log=log, counts=lambda: {"quarantined": len(run.quarantine)}) as p:
+        for index, row in enumerate(rows):
+            if parts > 1 and shard_of(_shard_key(row), parts) != part:
+                continue
+            inputs += 1
+            run.add(index, row)
+            p.update()
     if opts["deface"]["enabled"]:
         run.deface()
     _remove_stale(data, set(run.produced))

@@ -7,6 +7,11 @@ manifest's ids, UIDs, accession numbers and sites (:mod:`haven.deid.identifiers`
 the file, the place and the kind of identifier, never the value itself.  :func:`gate` is the stage:
 the audit under the project's anonymize settings, its result written where the rule says.
 
+A finding a person responsible for the data has cleared as not PHI (the project's ``audit.accept``
+list, :mod:`haven.deid.accept`: the keyed hash of the value and its place) is accepted: counted
+in the result with the entries' places, reasons and who, never a value.  :func:`review` lists
+the findings *with* their values and the line that accepts each, for ``haven audit --review``.
+
 :func:`audit_tree` runs the same checks over any folder (e.g. the original data, to show that the
 audit does find what it looks for).
 """
@@ -14,29 +19,32 @@ audit does find what it looks for).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from haven.config import section_defaults
+from haven.deid import accept as accepting
 from haven.deid.identifiers import Identifiers, load_identifiers, read_csv
 from haven.deid.options import options as complete_options
 from haven.deid.profile import CLEAN_DESCRIPTORS, safe_private_table
 from haven.deid.scan import PixelText, scan_csv, scan_file, scan_tree
 from haven.io import atomic_write_text
+from haven.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 def gate(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path,
-         result: Path, options: dict | None = None, data_root: Path | None = None) -> tuple[dict, Path]:
+         result: Path, options: dict | None = None, data_root: Path | None = None, accept: list | None = None,
+         accept_key: bytes | None = None) -> tuple[dict, Path]:
     """The audit under the project's ``anonymize`` settings (``options``; what they leave out comes
     from the schema), written as JSON to ``result`` when it passed, else beside it as
     ``<name>.failed.json``: a failed audit never leaves the file the next stage waits for, and a
-    stale result of the other outcome is removed.  Returns (result, the file written)."""
-    opts = complete_options(options)
-    pixels = opts["pixels"]
-    out = audit(data, manifest, log_csv, identifiers, ingest_manifest, data_root=data_root,
-                ocr_modalities=pixels["modalities"], ocr=pixels["clean"] != "off",
-                clean_descriptors=bool(opts["clean_descriptors"]), retain_uids=bool(opts["retain_uids"]),
-                safe_private=opts["safe_private"] or None, deface=opts["deface"] or None)
+    stale result of the other outcome is removed.  ``accept``: the project's ``audit.accept``
+    list, checked under ``accept_key`` (the project key).  Returns (result, the file written)."""
+    out = audit(data, manifest, log_csv, identifiers, ingest_manifest, data_root=data_root, accept=accept,
+                accept_key=accept_key, **_profile(options))
     result = Path(result)
     failed = result.with_name(f"{result.stem}.failed{result.suffix}")
     target, other = (result, failed) if out["passed"] else (failed, result)
@@ -45,10 +53,34 @@ def gate(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path,
     return out, target
 
 
+def _profile(options: dict | None) -> dict:
+    """The audit's keyword arguments under the project's ``anonymize`` settings."""
+    opts = complete_options(options)
+    pixels = opts["pixels"]
+    return dict(ocr_modalities=pixels["modalities"], ocr=pixels["clean"] != "off",
+                clean_descriptors=bool(opts["clean_descriptors"]), retain_uids=bool(opts["retain_uids"]),
+                safe_private=opts["safe_private"] or None, deface=opts["deface"] or None)
+
+
+def review(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path,
+           key: bytes, options: dict | None = None, data_root: Path | None = None,
+           accept: list | None = None) -> dict:
+    """What ``haven audit --review`` shows the reviewer: the audit of :func:`gate`, its findings
+    not yet accepted as rows *with their values* and the config line accepting each
+    (:func:`haven.deid.accept.review_rows`), and what the accept list already clears.  For the
+    reviewer's terminal only: never written to a file or a log."""
+    accepting.check_entries(accept, key)
+    files, findings, _, _ = _scan_outputs(data, manifest, log_csv, identifiers, ingest_manifest,
+                                          data_root=data_root, **_profile(options))
+    remaining, record = accepting.apply(findings, accept, key)
+    return {"files": files, "rows": accepting.review_rows(remaining, key), "accepted": record}
+
+
 def audit(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path, *,
           data_root: Path | None = None, key: bytes | None = None, max_shift_days: int | None = None,
           ocr_modalities: Iterable[str] | None = None, ocr: bool = True, clean_descriptors: bool = False,
-          retain_uids: bool = False, safe_private: list[dict] | None = None, deface: dict | None = None) -> dict:
+          retain_uids: bool = False, safe_private: list[dict] | None = None, deface: dict | None = None,
+          accept: list | None = None, accept_key: bytes | None = None) -> dict:
     """Audit the anonymize stage's outputs - the files in the folders ``data``, its ``manifest`` and
     ``log_csv`` - against the ``identifiers`` and ``ingest_manifest`` that ingest wrote.
 
@@ -65,7 +97,25 @@ def audit(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path
     ``safe_private``: the Retain Safe Private allow-list (``anonymize.safe_private``).
     ``deface``: the project's ``anonymize.deface`` settings; when enabled, every file of a head
     volume it covers must say it was defaced (RecognizableVisualFeatures NO and code 113102).
+    ``accept``: the project's ``audit.accept`` list (:mod:`haven.deid.accept`), its hashes checked
+    under ``accept_key``; the findings it clears are counted under ``accepted`` (with the
+    entries' places, reasons and who) and do not fail the audit.
     """
+    accepting.check_entries(accept, accept_key)  # a malformed entry fails before the scan, not after it
+    files, findings, ids, pixels = _scan_outputs(
+        data, manifest, log_csv, identifiers, ingest_manifest, data_root=data_root, key=key,
+        max_shift_days=max_shift_days, ocr_modalities=ocr_modalities, ocr=ocr,
+        clean_descriptors=clean_descriptors, retain_uids=retain_uids, safe_private=safe_private, deface=deface)
+    remaining, record = accepting.apply(findings, accept, accept_key)
+    return _result(files, remaining, ids, pixels, accepted=record)
+
+
+def _scan_outputs(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path,
+                  *, data_root: Path | None = None, key: bytes | None = None, max_shift_days: int | None = None,
+                  ocr_modalities: Iterable[str] | None = None, ocr: bool = True, clean_descriptors: bool = False,
+                  retain_uids: bool = False, safe_private: list[dict] | None = None,
+                  deface: dict | None = None) -> tuple[int, list[dict], Identifiers, PixelText]:
+    """(files, findings with their ``values``, identifiers, pixel reader) of :func:`audit`'s scan."""
     data = [Path(d) for d in data]
     manifest, log_csv, identifiers = Path(manifest), Path(log_csv), Path(identifiers)
     if data_root is None and len(data) != 1:
@@ -79,11 +129,13 @@ def audit(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path
     patient_of = _patients(Path(ingest_manifest), log_csv)
     pixels = PixelText(ocr_modalities, ocr)
     files, findings = 0, []
-    for folder in sorted(data, key=lambda d: d.as_posix()):  # the order a walk of the data root takes
-        if folder.is_dir():
-            n, found = scan_tree(folder, ids, patient_of, pixels, base=root)
-            files += n
-            findings.extend(found)
+    # the outputs the log lists are what the walk should find (a stale or stray file makes it more)
+    with progress("audit", len(patient_of) or None, log=log) as p:
+        for folder in sorted(data, key=lambda d: d.as_posix()):  # the order a walk of the data root takes
+            if folder.is_dir():
+                n, found = scan_tree(folder, ids, patient_of, pixels, base=root, progress=p)
+                files += n
+                findings.extend(found)
     for path in (*data, manifest, log_csv):
         if not path.exists():  # fail closed: an incomplete output is not clean
             findings.append({"file": path.name, "where": path.name, "kind": "missing"})
@@ -91,7 +143,7 @@ def audit(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path
         findings.extend(scan_csv(path, ids))
     if deface and deface.get("enabled") and manifest.is_file():
         findings.extend(_check_defaced(root, read_csv(manifest), deface))
-    return _result(files, findings, ids, pixels)
+    return files, findings, ids, pixels
 
 
 def _identifiers(entries: list[tuple[str, str, str]], key: bytes | None, max_shift_days: int | None,
@@ -181,9 +233,14 @@ def write_audit_result(result: dict, out_json: Path) -> Path:
     return atomic_write_text(Path(out_json), json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
-def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelText | None = None) -> dict:
+def _result(files: int, findings: list[dict], ids: Identifiers, pixels: PixelText | None = None,
+            accepted: dict | None = None) -> dict:
+    # the values a finding was made from stay here: the result names places, never values
+    findings = [{k: f[k] for k in ("file", "where", "kind")} for f in findings]
     out = {"passed": not findings, "files": files, "findings": findings,
            "identifiers": ids.count, "identifiers_not_searched": ids.skipped}
+    if accepted is not None:
+        out["accepted"] = accepted
     if pixels is not None:
         out["pixel_text_read"] = pixels.read
         out["pixel_text_not_read"] = pixels.not_read

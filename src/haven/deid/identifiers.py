@@ -21,6 +21,12 @@ Matching (case-insensitive; one pass per value, never a loop over the identifier
   inside it are identifiers of their own; single words such as ``Carotids`` are vocabulary), not
   in CS elements (defined terms, PS3.15 E.1.1 note 9);
 * private values: the whole value, in private elements, file names, metadata and CSV cells;
+* a demographic category (BranchOfService, RegionOfResidence, ... :data:`CATEGORY_KEYWORDS`) of
+  one patient is not reported as the whole value of a public CS element (a coded term) in a file
+  of *another* patient: one patient's BodyPartExamined ABDOMEN is not the junk ABDOMEN in
+  another's BranchOfService.  A value any patient has under another kind (name, id, date, ...),
+  a file of no known patient, text that is not a CS value (lower case, longer than 16) and CSV
+  cells are matched as always;
 * placeholders (``ANONYMIZED``, ``UNKNOWN``, ...) identify nobody and are ignored; the device
   type (Manufacturer, ManufacturerModelName) and code values/meanings of standard coding schemes
   (DCM, SCT, LN, ...) are fixed vocabulary and are not searched.
@@ -34,6 +40,8 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+
+from haven.deid.profile import CATEGORY_KEYWORDS
 
 STANDARD_UID_ROOT = "1.2.840.10008."
 MIN_CHARS = 3  # identifiers shorter than this are ignored (a single character matches anything)
@@ -55,6 +63,7 @@ MANIFEST_IDENTIFIER_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid
 _TOKEN = re.compile(r"[\w.\-]+")
 _NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 _TAG_TEXT = re.compile(r"\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
+_CS_VALUE = re.compile(r"[A-Z0-9 _]{1,16}")  # PS3.5 6.2: what a Code String may hold
 
 
 @lru_cache(maxsize=65536)
@@ -135,6 +144,8 @@ class Identifiers:
         self.private: dict[str, set[str]] = {}  # private values: whole value, not in public elements
         self.dates: dict[str, dict[str, set[str]]] = {}  # date -> patient -> kinds
         self.patient_dates: dict[str, set[str]] = {}
+        self.categories: dict[str, set[str]] = {}  # category value -> the patients it is theirs for
+        self.not_category: set[str] = set()  # values some entry gives another kind (or no patient)
         self.shifts = shifts or {}
         self.count = 0
         self.skipped = 0
@@ -197,9 +208,14 @@ class Identifiers:
             variants |= {base.rstrip("^ "), " ".join(parts), "_".join(parts)}
             if len(parts) >= 2:
                 variants.add(" ".join(parts[1:] + parts[:1]))  # given names first
+        category = keyword in CATEGORY_KEYWORDS and bool(patient)
         for v in variants:
             if len(v) < MIN_CHARS or v in PLACEHOLDERS:
                 continue
+            if category:
+                self.categories.setdefault(v, set()).add(patient)
+            else:
+                self.not_category.add(v)
             if _NUMBER.fullmatch(v) and not v.isdigit():
                 self.numbers.setdefault(v, set()).add(kind)
             elif len(v) >= LONG_CHARS:
@@ -221,17 +237,19 @@ class Identifiers:
         tokens = set(_TOKEN.findall(cf))
         tokens.add(whole)
         numeric = vr in NUMERIC_VRS
+        coded = self._coded_terms(text, vr, patient, public)
         if self._long_re is not None:
             for m in self._long_re.finditer(cf):
                 found = m.group()
                 if numeric and found in self.digits and found not in tokens:
                     continue  # an id's digits inside a number (0.000000001) are chance
-                kinds |= self.long[found]
+                if found not in coded:
+                    kinds |= self.long[found]
         for v in self._very_long:
             if v in cf:
                 kinds |= self.long[v]
         if self.short and not numeric:
-            for tok in tokens.intersection(self.short):
+            for tok in tokens.intersection(self.short) - coded:
                 kinds |= self.short[tok]
         if self.numbers and not numeric:
             for tok in tokens.intersection(self.numbers):
@@ -251,6 +269,20 @@ class Identifiers:
             for date in candidates.intersection(self.dates):
                 kinds |= self._date_kinds(date, patient)
         return kinds
+
+    def _coded_terms(self, text: str, vr: str | None, patient: str | None, public: bool) -> set[str]:
+        """The values of ``text``, a public CS element of ``patient``'s file, that are coded terms
+        and only other patients' demographic categories (not reported: see the module's notes)."""
+        if vr != "CS" or not public or not patient or not self.categories:
+            return set()
+        terms = set()
+        for part in text.split("\\"):
+            part = part.strip(" \x00")
+            cf = part.casefold()
+            if _CS_VALUE.fullmatch(part) and cf in self.categories and cf not in self.not_category \
+                    and patient not in self.categories[cf]:
+                terms.add(cf)
+        return terms
 
     def _date_kinds(self, date: str, patient: str | None) -> set[str]:
         owners = self.dates[date]
@@ -342,6 +374,7 @@ def strings(value) -> list[str]:
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
+    # ingest's tables hold file names as their bytes, valid UTF-8 or not (haven.io.TEXT)
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return [dict(r) for r in csv.DictReader(fh)]
 

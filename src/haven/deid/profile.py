@@ -22,6 +22,13 @@ IDENTIFYING_KEYWORDS = {
     "DeviceUID", "IssuerOfAdmissionIDSequence", "ConsultingPhysicianName", "PersonName",
     "ContentCreatorName", "VerifyingObserverName", "ReviewerName",
 }
+# demographic categories: identifying only in combination, their values words of a small
+# vocabulary (a branch of service, a region, a religion) that coded terms share by chance.  The
+# audit does not report another patient's such value as a whole coded (CS) value, e.g. one
+# patient's BodyPartExamined ABDOMEN against junk ABDOMEN in another's BranchOfService; names,
+# ids, dates, UIDs and places are never among them.
+CATEGORY_KEYWORDS = frozenset({"BranchOfService", "MilitaryRank", "RegionOfResidence", "CountryOfResidence",
+                               "PatientReligiousPreference"})
 # free text that may carry names (LT/ST/UT are taken whatever their tag)
 FREE_TEXT_KEYWORDS = {
     "StudyDescription", "SeriesDescription", "ImageComments", "AdditionalPatientHistory",

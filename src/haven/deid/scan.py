@@ -4,8 +4,9 @@ Every DICOM element (file meta, preamble, every nested sequence item, private el
 burned-in text of pixels that may carry it, by OCR), image metadata blocks (EXIF, XMP, comments,
 PNG text chunks, TIFF text tags), every path component of a file and every cell of a CSV table.
 A finding names the file, the place (``RequestAttributesSequence[0].PatientName``, ``(0009,1010)``,
-``file name``, ``manifest.csv:label``, ``JPEG APP1 segment``) and the kind of identifier, never
-the value itself.
+``file name``, ``manifest.csv:label``, ``JPEG APP1 segment``) and the kind of identifier; the
+texts it was made from travel with it as ``values`` only as far as the audit (its accept list
+checks their keyed hashes, ``haven audit --review`` shows them) and never into its result.
 """
 
 from __future__ import annotations
@@ -127,17 +128,18 @@ def _scan_dicom(path: Path, ids: Identifiers, patient: str | None,
         if pixels is not None and pixels.applies(ds):
             text = pixels.text(ds)
             for kind in ids.match(text or "", "LT", patient):
-                yield "(7FE0,0010) burned-in text", kind
+                yield "(7FE0,0010) burned-in text", kind, text
     preamble = getattr(ds, "preamble", None)
     if preamble and preamble.strip(b"\x00"):
-        for kind in ids.match(preamble.decode("latin-1"), "UN", patient):
-            yield "preamble", kind
+        text = preamble.decode("latin-1")
+        for kind in ids.match(text, "UN", patient):
+            yield "preamble", kind, text
     meta = getattr(ds, "file_meta", None)
     sources = ([meta] if meta is not None else []) + [ds]
     for d in sources:
         for where, vr, text, public in _walk_dicom(d):
             for kind in ids.match(text, vr, patient, public):
-                yield where, kind
+                yield where, kind, text
 
 
 def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -212,17 +214,19 @@ def _scan_image(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
                 where = "JPEG COM segment" if marker == 0xFE else f"JPEG APP{marker - 0xE0} segment"
             else:
                 continue
-            yield where, "metadata"
-            for kind in ids.match(payload.decode("latin-1"), "UN", patient):
-                yield where, kind
+            text = payload.decode("latin-1")
+            yield where, "metadata", text
+            for kind in ids.match(text, "UN", patient):
+                yield where, kind, text
         return
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         for ctype, payload in _png_chunks(data):
             if ctype in _PNG_TEXT_CHUNKS:
                 where = f"PNG {ctype.decode('latin-1')} chunk"
-                yield where, "metadata"
-                for kind in ids.match(_png_text(ctype, payload), "UN", patient):
-                    yield where, kind
+                text = _png_text(ctype, payload)
+                yield where, "metadata", text
+                for kind in ids.match(text, "UN", patient):
+                    yield where, kind, text
         return
     from PIL import Image
 
@@ -232,12 +236,13 @@ def _scan_image(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
             for number, name in _TIFF_TEXT_TAGS.items():
                 if number in tags:
                     where = f"TIFF {name} tag"
-                    yield where, "metadata"
-                    for kind in ids.match(str(tags[number]), "UN", patient):
-                        yield where, kind
+                    text = str(tags[number])
+                    yield where, "metadata", text
+                    for kind in ids.match(text, "UN", patient):
+                        yield where, kind, text
         for k in im.info:
             if k in ("comment", "exif", "xmp", "XML:com.adobe.xmp", "photoshop", "iptc"):
-                yield f"image info {k}", "metadata"
+                yield f"image info {k}", "metadata", None  # not read: cannot be accepted
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -254,7 +259,7 @@ def _is_dicom_file(path: Path) -> bool:
 def scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None,
                pixels: PixelText | None = None) -> list[dict]:
     findings: list[dict] = []
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], dict] = {}
     # a finding must not carry the value: path components that match are redacted
     parts = list(Path(rel).parts)
     shown = [("[redacted]" if ids.match(p, None, patient) or ids.match(Path(p).stem, None, patient)
@@ -263,35 +268,40 @@ def scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None,
         shown = ["[redacted]" for _ in parts] if shown == parts else shown
     label = "/".join(shown)
 
-    def add(where: str, kind: str) -> None:
+    def add(where: str, kind: str, value: str | None) -> None:
+        # one finding per place and kind; ``values``: every text that made it (the audit's accept
+        # list must clear each; None: no value, never accepted), dropped before the result is written
         if (where, kind) not in seen:
-            seen.add((where, kind))
-            findings.append({"file": label, "where": where, "kind": kind})
+            seen[(where, kind)] = {"file": label, "where": where, "kind": kind, "values": []}
+            findings.append(seen[(where, kind)])
+        if value not in seen[(where, kind)]["values"]:
+            seen[(where, kind)]["values"].append(value)
 
     names = {rel, str(Path(rel).with_suffix(""))}
     for part in parts:
         names |= {part, Path(part).stem}
     for name in names:
         for kind in ids.match(name, None, patient):
-            add("file name", kind)
+            add("file name", kind, name)
     try:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             hits = _scan_image(path, ids, patient)
         elif _is_dicom_file(path):
             hits = _scan_dicom(path, ids, patient, pixels)
         else:
-            hits = iter([("file", "unknown file type")])
-        for where, kind in hits:
-            add(where, kind)
+            hits = iter([("file", "unknown file type", None)])
+        for where, kind, value in hits:
+            add(where, kind, value)
     except Exception as e:  # a file the audit cannot read cannot be proven clean
-        add("file", f"unreadable ({type(e).__name__})")
+        add("file", f"unreadable ({type(e).__name__})", None)
     return findings
 
 
 def scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None = None,
-               pixels: PixelText | None = None, base: Path | None = None) -> tuple[int, list]:
+               pixels: PixelText | None = None, base: Path | None = None, progress=None) -> tuple[int, list]:
     """(files, findings) of every file under ``root``, each named by its path relative to ``base``
-    (default ``root``): the name the manifest and the log give it, which links it to its patient."""
+    (default ``root``): the name the manifest and the log give it, which links it to its patient.
+    ``progress``: a :class:`haven.progress.Progress` told of each file scanned (a count only)."""
     base = root if base is None else base
     files = 0
     findings: list[dict] = []
@@ -304,27 +314,37 @@ def scan_tree(root: Path, ids: Identifiers, patient_of: dict[str, str] | None = 
                 continue  # Snakemake's empty marker in a directory() output (one per shard folder)
             files += 1
             patient = patient_of.get(rel) if patient_of else None
-            findings.extend(scan_file(path, rel, ids, patient, pixels))
+            found = scan_file(path, rel, ids, patient, pixels)
+            findings.extend(found)
+            if progress is not None:
+                progress.update(with_findings=1 if found else 0)
     return files, findings
 
 
 def scan_csv(path: Path, ids: Identifiers) -> list[dict]:
-    findings = []
+    findings: list[dict] = []
     if not path.is_file():
         return findings
-    seen = set()
-    with open(path, newline="") as fh:
+    seen: dict[tuple[str, str], dict] = {}
+
+    def add(where: str, kind: str, value: str) -> None:  # as scan_file's: one per place and kind
+        if (where, kind) not in seen:
+            seen[(where, kind)] = {"file": path.name, "where": where, "kind": kind, "values": []}
+            findings.append(seen[(where, kind)])
+        if value not in seen[(where, kind)]["values"]:
+            seen[(where, kind)]["values"].append(value)
+
+    # surrogateescape: a stray byte that is not UTF-8 is scanned, not a crash (haven.io.TEXT)
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
-        for kind in set().union(*(ids.match(h) for h in header)) if header else set():
-            seen.add(("header", kind))
-            findings.append({"file": path.name, "where": f"{path.name}:header", "kind": kind})
+        for h in header:
+            for kind in ids.match(h):
+                add(f"{path.name}:header", kind, h)
         for row in reader:
             for column, cell in zip(header, row):
                 if column in INTEGER_COLUMNS and cell.isdigit():
                     continue  # counters written by anonymize (row index, number of actions)
                 for kind in ids.match(cell):
-                    if (column, kind) not in seen:
-                        seen.add((column, kind))
-                        findings.append({"file": path.name, "where": f"{path.name}:{column}", "kind": kind})
+                    add(f"{path.name}:{column}", kind, cell)
     return findings

@@ -9,7 +9,8 @@ Writes three tables (the PHI zone, see docs/architecture.md; :class:`Tables` nam
 * the quarantine list - ``path,reason`` for every file that was not accepted.
 
 A file is accepted when a reader of :mod:`haven.sources` takes it (a DICOM file with pixel data
-that decodes, a PNG/JPEG/TIFF/BMP image that PIL can verify and load) and it has a label.  A bad
+that decodes, a PNG/JPEG/TIFF/BMP image that PIL can verify and load) and it has a label (or the
+project only de-identifies, ``until: audit``: then a file without one keeps an empty label).  A bad
 file never stops the run: its reason (exception class and message, never a header value) goes to
 the quarantine list.
 

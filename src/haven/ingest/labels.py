@@ -4,6 +4,10 @@ Without a table a file's label is the name of its parent folder (the class subfo
 directly in the source are quarantined.  A table (CSV) is keyed by one manifest field
 (``label_key``: accession, patient_id or path) and gives the label in ``label_column``; a file
 without a row is quarantined.  An optional ``patient`` column gives images their patient id.
+
+Labels are required only by training (preprocess onward): a de-identification-only project
+(``until: audit`` in the schema) takes them from the same places where there are some, and a file
+without one is ingested with an empty label instead of being quarantined.
 """
 
 from __future__ import annotations
@@ -80,9 +84,10 @@ def norm_rel(p: str) -> str:
 class Labels:
     """The label of each file: :meth:`apply` sets it on a manifest row or raises Quarantine."""
 
-    def __init__(self, table: Path | None, label_key: str | None, label_column: str):
+    def __init__(self, table: Path | None, label_key: str | None, label_column: str, required: bool = True):
         self.table = self.patients = self.key_field = None
         self.name = ""
+        self.required = required  # False: a file without a label keeps an empty one (de-identification only)
         if table is not None:
             self.table, self.patients, self.key_field = load_labels(Path(table), label_key, label_column)
             self.name = Path(table).name
@@ -93,10 +98,21 @@ class Labels:
 
     def apply(self, row: dict, ids: list[tuple[str, str]]) -> None:
         """Set ``row["label"]`` (and an image's patient from the table, recorded in ``ids``)."""
+        try:
+            self._apply(row, ids)
+        except Quarantine:
+            if self.required:
+                raise
+            row["label"] = ""
+
+    def _apply(self, row: dict, ids: list[tuple[str, str]]) -> None:
         if self.table is None:
             parent = PurePosixPath(row["path"]).parent
             if str(parent) in ("", "."):
                 raise Quarantine("no label: the file is not in a class folder and no labels table was given")
+            if any("\udc80" <= c <= "\udcff" for c in parent.name):
+                # a name that is not UTF-8 (haven.io.TEXT) would carry its bytes into the safe haven's tables
+                raise Quarantine("no label: the class folder's name is not valid UTF-8: rename the folder")
             row["label"] = parent.name
             return
         key = self.key(row)

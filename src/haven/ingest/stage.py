@@ -14,6 +14,7 @@ from haven import sources
 from haven.ingest.labels import Labels
 from haven.ingest.tables import IDENTIFIER_COLUMNS, MANIFEST_COLUMNS, QUARANTINE_COLUMNS, Tables
 from haven.io import atomic_write_text, csv_text
+from haven.progress import progress
 from haven.shards import shard_of
 from haven.sources.base import Quarantine
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_key: str | None = None,
-           label_column: str | None = None, *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+           label_column: str | None = None, *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1),
+           labels_required: bool = True) -> dict:
     """Walk ``source`` into the manifest, identifiers and quarantine list of ``out`` (:class:`Tables`,
     or a folder: its ``{manifest,identifiers,quarantine}.csv``).
 
@@ -31,7 +33,9 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
     these) and ``label_column`` the label (None: the schema's default).  ``check_pixels`` decodes
     every DICOM's pixel data once so that undecodable files are quarantined here rather than later.
     ``shard=(i, n)`` reads only the files of shard i of n (:func:`haven.shards.shard_of`); the
-    shards' outputs are merged by :func:`haven.ingest.merge_ingest`.
+    shards' outputs are merged by :func:`haven.ingest.merge_ingest`.  ``labels_required=False``
+    (a de-identification-only project, ``until: audit``): a file without a label is ingested with
+    an empty one instead of being quarantined.
 
     Returns ``{"files", "accepted", "quarantined", "patients"}``.
     """
@@ -42,7 +46,7 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
         from haven.config import section_defaults
 
         label_column = section_defaults("label_column")
-    labeller = Labels(labels, label_key, label_column)
+    labeller = Labels(labels, label_key, label_column, required=labels_required)
     # outputs written inside the source are not part of it
     root = source.resolve()
     skip = {p for p in (Path(f).parent.resolve() for f in (out.manifest, out.identifiers, out.quarantine))
@@ -63,6 +67,9 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
     }
     log.info("ingest %s: %d files, %d accepted, %d quarantined, %d patients", source,
              summary["files"], summary["accepted"], summary["quarantined"], summary["patients"])
+    if quarantine and not manifest and all(q["reason"].startswith("no label") for q in quarantine):
+        log.warning("ingest %s: every file was quarantined for want of a label: give class folders or a label "
+                    "table (`labels`), or set `until: audit` in the project to de-identify unlabeled data", source)
     return summary
 
 
@@ -73,8 +80,10 @@ def _read_all(files, labeller: Labels, check_pixels: bool) -> tuple[list[dict], 
     identifiers: list[dict] = []
     seen_ids: set[tuple[str, str, str]] = set()
     seen_sops: dict[str, str] = {}
-    with sources.quiet():
-        for path, rel, problem in files:
+    # counts only: the walk's paths can carry names and never reach the bar or the log
+    with sources.quiet(), progress("ingest", len(files), log=log,
+                                   counts=lambda: {"quarantined": len(quarantine)}) as p:
+        for path, rel, problem in p.track(files):
             try:
                 if problem:
                     raise Quarantine(problem)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from haven.io import atomic_write_text
+from haven.progress import progress
 from haven.sources import reader_for
 from haven.track import file_hash
 
@@ -176,7 +177,8 @@ def load_batch(paths: list, kinds: list[str], params: dict) -> np.ndarray:
         except Exception as e:
             name = p if isinstance(p, (str, Path)) else p[len(p) // 2]
             raise DecodeError(f"{name} cannot be decoded ({type(e).__name__}: {e}); remove it from the source "
-                              "(ingest quarantines undecodable pixel data) and re-run the pipeline") from None
+                              "(ingest checks pixel data by its structure and cannot see damage inside a compressed "
+                              "stream) and re-run the pipeline") from None
     return np.stack(out)
 
 
@@ -259,13 +261,20 @@ def _client(params: dict):
     return client
 
 
+def _store_batch(images, start: int, paths: list, kinds: list[str], params: dict) -> int:
+    """Decode one chunk's samples and write them into the store (runs on a Dask worker); the count."""
+    batch = load_batch(paths, kinds, params)
+    images[start:start + len(batch)] = batch
+    return len(batch)
+
+
 def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str],
-                targets: np.ndarray) -> None:
+                targets: np.ndarray, progress=None) -> None:
     """One split's Zarr store: the decoded images (written by the workers, chunk by chunk), the
-    task's ``targets`` as ``labels``, and the columns the subgroup analysis reads."""
-    import dask.array as da
+    task's ``targets`` as ``labels``, and the columns the subgroup analysis reads.  ``progress``:
+    a :class:`haven.progress.Progress` told how many samples each finished chunk wrote."""
     import zarr
-    from dask import delayed
+    from dask.distributed import as_completed
     from zarr.codecs import BloscCodec
     from zarr.dtype import VariableLengthUTF8
 
@@ -281,12 +290,14 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
     if n:
         paths = slab_members(client, rows, data_dir, params["slab"])
         kinds = list(rows["kind"])
-        blocks = [
-            da.from_delayed(delayed(load_batch)(paths[i:i + chunk], kinds[i:i + chunk], params),
-                            shape=(len(paths[i:i + chunk]), c, size, size), dtype=np.uint8)
-            for i in range(0, n, chunk)
-        ]
-        da.store(da.concatenate(blocks), images, lock=False, compute=True)
+        # one task per Zarr chunk, each writing whole chunks (no lock needed); a future per chunk
+        # lets the progress count samples as they land
+        futures = [client.submit(_store_batch, images, i, paths[i:i + chunk], kinds[i:i + chunk], params,
+                                 pure=False) for i in range(0, n, chunk)]
+        for future in as_completed(futures):
+            written = future.result()  # a DecodeError on a worker is raised here
+            if progress is not None:
+                progress.update(written)
     group.create_array("labels", data=targets, chunks=(max(n, 1),))
     for col in ("patient", "sex", "age_band", "site"):
         arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
@@ -325,6 +336,17 @@ def complete(params: dict) -> dict:
     return full
 
 
+def require_labels(manifest: pd.DataFrame, path: Path) -> None:
+    """Training needs a label on every file; de-identification does not (a project with ``until:
+    audit`` ingests unlabeled files), so an unlabeled manifest is stopped here, by name."""
+    missing = int((manifest["label"].str.strip() == "").sum()) if "label" in manifest else len(manifest)
+    if missing:
+        raise ValueError(
+            f"{path}: {missing} of {len(manifest)} files have no label, and training needs one per file: "
+            f"give the project a label table (`labels`) or class folders and re-run ingest, or set "
+            f"`until: audit` in its config to stop at the de-identification")
+
+
 def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, seed: int,
                task: str | None = None) -> dict:
     """Split the audited manifest by patient and write the Zarr store of each split, the split
@@ -345,6 +367,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
     manifest = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
     if manifest.empty:
         raise ValueError(f"{inputs.manifest} lists no files: check the ingest quarantine list")
+    require_labels(manifest, inputs.manifest)
     classes = task.classes(manifest["label"])
     if len(classes) < 2:
         raise ValueError(f"{inputs.manifest}: need at least two classes, found {classes}")
@@ -353,10 +376,11 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
 
     client = _client(params)
     try:
-        for name in SPLITS:
-            rows = manifest[manifest["split"] == name].reset_index(drop=True)
-            write_split(client, rows, inputs.data, outputs.store(name), params, classes,
-                        task.encode(rows["label"], classes))
+        with progress("preprocess", len(manifest), log=log, unit="samples") as p:
+            for name in SPLITS:
+                rows = manifest[manifest["split"] == name].reset_index(drop=True)
+                write_split(client, rows, inputs.data, outputs.store(name), params, classes,
+                            task.encode(rows["label"], classes), progress=p)
     finally:
         client.close()
         client.cluster.close()

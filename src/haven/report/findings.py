@@ -36,6 +36,13 @@ def pixel_text(audit: dict) -> str:
     return f"; burned-in text read by OCR in {read} file(s)" + (f", {not_read} not readable" if not_read else "")
 
 
+def accepted_rows(audit: dict) -> list[tuple]:
+    """The findings the project's reviewers accepted as not PHI: (place, reason, who, when, findings);
+    audit.json holds no value, so neither does the page."""
+    return [(e.get("place", ""), e.get("reason", ""), e.get("accepted_by", ""), e.get("accepted_on", ""),
+             e.get("findings", "")) for e in audit.get("accepted", {}).get("entries", [])]
+
+
 def trials_table(trials: pd.DataFrame | None, top: int = 8) -> tuple[list[tuple], tuple] | None:
     """The ``top`` trials by the validation metric: (rows, header), or None without trials."""
     if trials is None or trials.empty:

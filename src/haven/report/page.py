@@ -61,7 +61,8 @@ def page(project: str, a: Artefacts, inputs: Inputs, outputs: Outputs, card: str
     text = render(
         "page.html.j2", project=project, sections=SECTIONS, plot=plot, search=image_data(inputs.search),
         curves=image_data(outputs.curves), split_rows=f.split_rows(a.stats), quarantine=a.quarantine,
-        n_quarantined=sum(n for _, n in a.quarantine), audit=a.audit, pixel_text=f.pixel_text(a.audit), best=a.best,
+        n_quarantined=sum(n for _, n in a.quarantine), audit=a.audit, pixel_text=f.pixel_text(a.audit),
+        accepted_rows=f.accepted_rows(a.audit), best=a.best,
         trials_rows=trials_rows, trials_header=trials_header, metric_rows=f.metric_rows(m),
         per_class_rows=f.per_class_rows(m), ci_note=f.ci_note(m), calibration_rows=f.calibration_rows(cal),
         calibration_note=f.calibration_note(cal), flagged=sg.get("flagged"), subgroup_summary=f.subgroup_summary(sg),
