@@ -30,23 +30,21 @@ def options(given: dict | None) -> dict:
     return opts
 
 
+# each option that adds a code to DeidentificationMethodCodeSequence, in the order files list them
+_OPTION_CODES = (
+    ("clean_descriptors", CODE_CLEAN_DESCRIPTORS),
+    ("retain_longitudinal_modified_dates", CODE_MODIFIED_DATES),
+    ("retain_patient_characteristics", CODE_PATIENT_CHARACTERISTICS),
+    ("retain_device_identity", CODE_DEVICE_IDENTITY),
+    ("retain_uids", CODE_RETAIN_UIDS),
+    ("safe_private", CODE_SAFE_PRIVATE),
+)
+
+
 def method(opts: dict, pixels_cleaned: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """DeidentificationMethod values and the method codes of one file."""
-    codes = [CODE_BASIC]
-    if pixels_cleaned:
-        codes.append(redact.CODE_CLEAN_PIXELS)
-    if opts["clean_descriptors"]:
-        codes.append(CODE_CLEAN_DESCRIPTORS)
-    if opts["retain_longitudinal_modified_dates"]:
-        codes.append(CODE_MODIFIED_DATES)
-    if opts["retain_patient_characteristics"]:
-        codes.append(CODE_PATIENT_CHARACTERISTICS)
-    if opts["retain_device_identity"]:
-        codes.append(CODE_DEVICE_IDENTITY)
-    if opts["retain_uids"]:
-        codes.append(CODE_RETAIN_UIDS)
-    if opts["safe_private"]:
-        codes.append(CODE_SAFE_PRIVATE)
+    codes = [CODE_BASIC, *([redact.CODE_CLEAN_PIXELS] if pixels_cleaned else []),
+             *(code for option, code in _OPTION_CODES if opts[option])]
     return method_values(codes), codes
 
 
