@@ -271,3 +271,37 @@ def test_snakemake_deidentifies_an_unlabeled_export_with_a_latin1_name_and_stops
     assert json.loads((results / "anonymize" / "audit.json").read_text())["passed"] is True
     assert len(list(read_rows(results / "anonymize" / "manifest.csv"))) == 5
     assert sorted(p.name for p in results.iterdir()) == ["anonymize", "benchmarks", "ingest", "logs"]
+
+
+def _dates_one_shift_apart(src: Path) -> Path:
+    """Two studies of one patient whose dates lie exactly the patient's day shift apart: the first
+    study's shifted date is the second's original date (a coincidence, not a leak)."""
+    import datetime as dt
+
+    from haven.keys import day_shift
+
+    first = dt.date(2020, 1, 15)
+    second = first + dt.timedelta(days=day_shift(KEY.encode(), "PATD"))
+    for sop, accession, day in (("1.2.3.8.1", "ACC8", first), ("1.2.3.8.2", "ACC9", second)):
+        path = _ct(src / f"{accession}.dcm", sop, patient="PATD", accession=accession)
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = day.strftime("%Y%m%d")
+        ds.save_as(path, enforce_file_format=True)
+    return src
+
+
+def test_a_date_shifted_onto_another_of_the_patients_dates_passes_an_audit_that_has_the_key(tmp_path):
+    src = _dates_one_shift_apart(tmp_path / "src")
+    # haven deid holds the key it anonymized with, so its audit can explain the coincidence
+    run = haven("deid", str(src), str(tmp_path / "deid"), env={"HAVEN_KEY": KEY})
+    assert run.returncode == 0 and "audit passed: 0 finding(s)" in run.stdout, run.stdout + run.stderr
+    # the pipeline's audit finds the key where the stage settings say (the rule passes them)
+    ingest, anon = tmp_path / "ingest", tmp_path / "anon"
+    run = haven("ingest", str(src), *_ingest_files(ingest), "--params", json.dumps({"until": "audit"}))
+    assert run.returncode == 0, run.stderr
+    run = haven(*_anonymize_args(src, ingest, anon, _key_params(tmp_path)), env={"HAVEN_KEY": ""})
+    assert run.returncode == 0, run.stderr
+    run = haven(*_audit_args(ingest, anon), env={"HAVEN_KEY": ""})
+    assert run.returncode == 1 and "StudyDate" in run.stderr  # without the key: fails closed on the coincidence
+    run = haven(*_audit_args(ingest, anon), "--params", _key_params(tmp_path), env={"HAVEN_KEY": ""})
+    assert run.returncode == 0 and "audit passed: 2 file(s)" in run.stdout, run.stdout + run.stderr

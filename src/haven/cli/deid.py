@@ -33,7 +33,7 @@ def cmd_audit(args) -> int:
     accept = s["audit"]["accept"]
     # the key checks the accept list's hashes; load_key, not stage_key: the audit never creates a
     # key (one that anonymize did not use could check nothing)
-    key = _audit_key(s) if accept or args.review else None
+    key = _audit_key(s) if accept or args.review else _key_if_present(s)
     inputs = ([Path(d) for d in args.data], Path(args.manifest), Path(args.log), Path(args.identifiers),
               Path(args.ingest_manifest))
     data_root = Path(args.data_root) if args.data_root else None
@@ -42,7 +42,7 @@ def cmd_audit(args) -> int:
     if not args.result:
         raise ValueError("--result is required (or --review to list the findings for a reviewer)")
     result, target = gate(*inputs, Path(args.result), options=s["anonymize"], data_root=data_root,
-                          accept=accept, accept_key=key)
+                          accept=accept, accept_key=key, key=key)
     # the log says how many findings the accept list cleared, never which values
     accepted = result["accepted"]["count"]
     note = f"; {accepted} finding(s) accepted as not PHI (audit.accept)" if accepted else ""
@@ -61,6 +61,19 @@ def _audit_key(s: dict) -> bytes:
     from haven.keys import load_key
 
     return load_key(s.get("key_file"), s.get("key_env"))
+
+
+def _key_if_present(s: dict) -> bytes | None:
+    """The key anonymize used, where the settings say and it is there, else None: it lets the audit
+    tell a shifted date from a leak, but an audit without it is still a (stricter) audit."""
+    from haven.keys import KeyError_, load_key
+
+    if not (s.get("key_file") or s.get("key_env")):
+        return None
+    try:
+        return load_key(s.get("key_file"), s.get("key_env"))
+    except KeyError_:
+        return None
 
 
 def _review(inputs: tuple, key: bytes, s: dict, data_root: Path | None) -> int:

@@ -37,14 +37,16 @@ log = logging.getLogger(__name__)
 
 def gate(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path,
          result: Path, options: dict | None = None, data_root: Path | None = None, accept: list | None = None,
-         accept_key: bytes | None = None) -> tuple[dict, Path]:
+         accept_key: bytes | None = None, key: bytes | None = None) -> tuple[dict, Path]:
     """The audit under the project's ``anonymize`` settings (``options``; what they leave out comes
     from the schema), written as JSON to ``result`` when it passed, else beside it as
     ``<name>.failed.json``: a failed audit never leaves the file the next stage waits for, and a
     stale result of the other outcome is removed.  ``accept``: the project's ``audit.accept``
-    list, checked under ``accept_key`` (the project key).  Returns (result, the file written)."""
+    list, checked under ``accept_key`` (the project key).  ``key``, the key anonymize used, when
+    at hand: with it a date that is the shifted image of another of the patient's dates is told
+    from a leak (without it such a coincidence fails the audit).  Returns (result, the file written)."""
     out = audit(data, manifest, log_csv, identifiers, ingest_manifest, data_root=data_root, accept=accept,
-                accept_key=accept_key, **_profile(options))
+                accept_key=accept_key, key=key, **_profile(options))
     result = Path(result)
     failed = result.with_name(f"{result.stem}.failed{result.suffix}")
     target, other = (result, failed) if out["passed"] else (failed, result)
@@ -59,7 +61,8 @@ def _profile(options: dict | None) -> dict:
     pixels = opts["pixels"]
     return dict(ocr_modalities=pixels["modalities"], ocr=pixels["clean"] != "off",
                 clean_descriptors=bool(opts["clean_descriptors"]), retain_uids=bool(opts["retain_uids"]),
-                safe_private=opts["safe_private"] or None, deface=opts["deface"] or None)
+                safe_private=opts["safe_private"] or None, deface=opts["deface"] or None,
+                max_shift_days=int(opts["max_shift_days"]))
 
 
 def review(data: Sequence[Path], manifest: Path, log_csv: Path, identifiers: Path, ingest_manifest: Path,

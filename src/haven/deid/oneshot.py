@@ -80,7 +80,7 @@ def deidentify(src: Path, dst: Path, key: bytes, *, options: dict | None = None,
     done = anonymize(src, tables.manifest, key, data=out["data"], manifest=out["manifest"], log_csv=out["log"],
                      quarantine=out["quarantine"], options=opts)
     result, written = gate([out["data"]], out["manifest"], out["log"], tables.identifiers, tables.manifest,
-                           dst / "audit.json", options=opts)
+                           dst / "audit.json", options=opts, key=key)
     seconds = time.monotonic() - started
     return {
         "files": got["files"], "deidentified": done["anonymized"],
