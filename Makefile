@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.txt
 
 install: $(STAMP)
 
-# Slurm, MUNGE, Chromium and Tesseract for the Slurm, browser and OCR tests (skipped without them); needs root
+# Slurm, MUNGE, Chromium, Tesseract and Orthanc for the Slurm, browser, OCR and PACS tests (skipped without them); needs root
 system:
 	.ci/system-setup
 
