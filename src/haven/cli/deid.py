@@ -31,9 +31,7 @@ def cmd_audit(args) -> int:
 
     s = settings(args)
     accept = s["audit"]["accept"]
-    # the key checks the accept list's hashes; load_key, not stage_key: the audit never creates a
-    # key (one that anonymize did not use could check nothing)
-    key = _audit_key(s) if accept or args.review else _key_if_present(s)
+    key = _audit_key(s, required=bool(accept) or args.review)
     inputs = ([Path(d) for d in args.data], Path(args.manifest), Path(args.log), Path(args.identifiers),
               Path(args.ingest_manifest))
     data_root = Path(args.data_root) if args.data_root else None
@@ -57,22 +55,18 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def _audit_key(s: dict) -> bytes:
-    from haven.keys import load_key
-
-    return load_key(s.get("key_file"), s.get("key_env"))
-
-
-def _key_if_present(s: dict) -> bytes | None:
-    """The key anonymize used, where the settings say and it is there, else None: it lets the audit
-    tell a shifted date from a leak, but an audit without it is still a (stricter) audit."""
+def _audit_key(s: dict, required: bool) -> bytes | None:
+    """The key anonymize used, from the settings' ``key_file``/``key_env``; load_key, not stage_key:
+    the audit never creates a key (one anonymize did not use could check nothing).  Required to
+    check an accept list's hashes or to review; otherwise optional: it only lets the audit tell a
+    shifted date from a leak, and an audit without it is still a (stricter) audit."""
     from haven.keys import KeyError_, load_key
 
-    if not (s.get("key_file") or s.get("key_env")):
-        return None
     try:
         return load_key(s.get("key_file"), s.get("key_env"))
     except KeyError_:
+        if required:
+            raise
         return None
 
 
