@@ -9,7 +9,7 @@ rule anonymize_shard:
         log_csv=P("anonymize/shards/{shard}/anonymization.log.csv"),
         quarantine=P("anonymize/shards/{shard}/quarantine.csv"),
     params:
-        source=lambda w: project(w)["source"],
+        source=source_folder,  # a dicomweb source: the fetched folder, which ingest's paths are relative to
         shards=lambda w: SHARDS[w.project],
         settings=settings("anonymize"),
     resources:

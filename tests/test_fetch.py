@@ -266,7 +266,8 @@ def test_kill_9_mid_fetch_then_rerun_fetches_no_instance_twice(pacs, tmp_path):
 @pytest.mark.integration
 def test_the_dag_from_the_pacs_gives_the_manifest_of_the_files(root, pacs, tmp_path):
     """Snakemake: fetch_shard (2 shards), fetch, ingest_shard, ingest for a dicomweb:// project; its
-    manifest equals ingest of the same files from disk, up to the paths."""
+    manifest equals ingest of the same files from disk, up to the paths; and the fetched files go
+    on through anonymize to a passed audit (anonymize once read the source URL as a folder)."""
     work = tmp_path / "work"
     work.mkdir()
     conf = yaml.safe_load((root / "config.yaml").read_text())
@@ -274,7 +275,8 @@ def test_the_dag_from_the_pacs_gives_the_manifest_of_the_files(root, pacs, tmp_p
         "source": pacs["server"].source, "labels": str(pacs["demo"] / "labels.csv"), "label_key": "accession",
         "shards": 2, "pacs": {"auth": "basic", "credentials_env": ENV, "query": {"modalities": ["CT"]}}}}
     (work / "config.yaml").write_text(yaml.safe_dump(conf))
-    cmd = [sys.executable, "-m", "snakemake", "results/pacs/ingest/manifest.csv", "-s", str(root / "Snakefile"),
+    cmd = [sys.executable, "-m", "snakemake", "results/pacs/ingest/manifest.csv", "results/pacs/anonymize/audit.json",
+           "-s", str(root / "Snakefile"),
            "--directory", str(work), "--configfile", str(work / "config.yaml"), "--cores", "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, ENV: LOGIN})
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -287,3 +289,5 @@ def test_the_dag_from_the_pacs_gives_the_manifest_of_the_files(root, pacs, tmp_p
     assert len(from_pacs) == 240 and from_pacs == table(tmp_path / "disk" / "manifest.csv")
     logs = "".join(p.read_text() for p in (work / "results" / "pacs" / "logs").rglob("*.log"))
     assert "240 instances" in logs and not any(s in logs + run.stdout + run.stderr for s in SECRETS)
+    audit = json.loads((work / "results" / "pacs" / "anonymize" / "audit.json").read_text())
+    assert audit["passed"] and audit["files"] == 240
