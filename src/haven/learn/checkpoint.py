@@ -84,9 +84,12 @@ def load_best(workdir: str | Path, model: nn.Module, dev: torch.device) -> None:
         model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
 
 
-def save_model(result, path: str | Path, backbone: str, train_store: str | Path, hp: dict) -> None:
+def save_model(result, path: str | Path, backbone: str, train_store: str | Path, hp: dict, task: str) -> None:
     """The deliverable: best weights (``result.model``, ``result.best_epoch`` of
-    :class:`haven.learn.train.Result`) plus everything needed to rebuild and feed the model."""
+    :class:`haven.learn.train.Result`) plus everything needed to rebuild and feed the model: the
+    ``task``, the classes, the preprocess settings that made the training samples (``pixels``:
+    size, mode, HU windows, slab) and the train split's mean/std, so that prediction reuses
+    them exactly (:mod:`haven.predict.bundle`)."""
     from haven.learn.data import ZarrSplit
 
     split = ZarrSplit(train_store)
@@ -94,16 +97,20 @@ def save_model(result, path: str | Path, backbone: str, train_store: str | Path,
         "state_dict": result.model.state_dict(), "backbone": backbone, "classes": split.classes,
         "in_chans": split.channels, "size": int(split.images.shape[-1]),
         "mean": split.mean.tolist(), "std": split.std.tolist(), "hparams": hp,
-        "best_epoch": result.best_epoch,
+        "best_epoch": result.best_epoch, "task": task, "pixels": split.group.attrs.get("pixels"),
     }))
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     from haven.learn.models import build_model
 
+    from haven.learn.tasks import get_task
+
     meta = torch.load(path, map_location=map_location, weights_only=False)
-    # model.pt records no task: today's files are single-label classification, one output per class
-    model = build_model(meta["backbone"], len(meta["classes"]), weights=None, in_chans=meta["in_chans"])
+    # files written before model.pt recorded its task are single-label classification
+    meta.setdefault("task", "classification")
+    outputs = get_task(meta["task"]).outputs(list(meta["classes"]))
+    model = build_model(meta["backbone"], outputs, weights=None, in_chans=meta["in_chans"])
     model.load_state_dict(meta["state_dict"])
     model.eval()
     return model, meta

@@ -161,7 +161,8 @@ def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
 def load_sample(path: Path | list, kind: str, params: dict) -> np.ndarray:
     """One file (or, 2.5D, the list of a slab's files, centre in the middle) → uint8 (C, size, size)."""
     paths = path if isinstance(path, (list, tuple)) else [path]
-    out = np.concatenate([_one_slice(Path(p), kind, params) for p in paths])
+    # a path, or an open binary file (a request's bytes in memory: haven.predict never writes them)
+    out = np.concatenate([_one_slice(Path(p) if isinstance(p, str) else p, kind, params) for p in paths])
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -180,6 +181,16 @@ def load_batch(paths: list, kinds: list[str], params: dict) -> np.ndarray:
                               "(ingest checks pixel data by its structure and cannot see damage inside a compressed "
                               "stream) and re-run the pipeline") from None
     return np.stack(out)
+
+
+# the settings that turn a file into a stored sample: the trained model carries them (model.pt),
+# so that prediction on new data decodes exactly as training did (nothing recomputed there)
+PIXEL_KEYS = ("size", "mode", "windows", "slab")
+
+
+def pixel_settings(params: dict) -> dict:
+    """The part of the preprocess settings that decides a sample's pixels (:data:`PIXEL_KEYS`)."""
+    return {k: params[k] for k in PIXEL_KEYS}
 
 
 def slice_channels(params: dict) -> int:
@@ -304,7 +315,7 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
         if n:
             arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
     group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
-                        "slab": params["slab"]})
+                        "slab": params["slab"], "pixels": pixel_settings(params)})
 
 
 def channel_stats(store: Path) -> tuple[list[float], list[float]]:

@@ -301,7 +301,7 @@ def train(files: TrainFiles, model_cfg: dict, train_cfg: dict, *, task: Task, se
     for path in (files.model, files.history, files.run):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     summary_extra = {"world_size": world}
-    ckpt.save_model(result, files.model, backbone, files.train, hp)
+    ckpt.save_model(result, files.model, backbone, files.train, hp, task.name)
     ckpt.last_path(files.workdir).unlink(missing_ok=True)  # done: a forced re-run starts afresh
     history = pd.DataFrame(result.history)
     history.to_csv(files.history, index=False)
