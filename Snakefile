@@ -23,6 +23,8 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/track.smk"
+include: "rules/package.smk"
+include: "rules/predict.smk"
 
 
 rule all:

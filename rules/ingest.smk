@@ -7,7 +7,7 @@ rule demo_data:
     log:
         f"{R}/logs/demo_{{demo}}.log",
     wildcard_constraints:
-        demo="digits|brain-ct",
+        demo="digits|brain-ct|digits-new|brain-ct-new",
     conda:
         "../envs/ingest.yaml"
     shell:

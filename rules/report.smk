@@ -18,6 +18,7 @@ rule report:
         run=P("train/run.json"),
         metrics=P("evaluate/metrics.json"),
         plots=[str(getattr(rules.evaluate.output, name)) for name in EVALUATE_PLOTS],
+        predict=lambda w: list(report_predict_inputs(w).values()),
     output:
         html=report(P("report/index.html"), caption="../workflow/report/summary.rst", category="0. Summary",
                     labels={"project": "{project}", "artefact": "summary"}),
@@ -30,6 +31,8 @@ rule report:
         settings=settings("report"),
         # NAME=PATH for each of input.plots, in EVALUATE_PLOTS' order
         plots=lambda w, input: [f"{name}={path}" for name, path in zip(EVALUATE_PLOTS, input.plots)],
+        # SOURCE=PATH for each of input.predict
+        predict=lambda w, input: [f"{s}={path}" for s, path in report_predict_inputs(w).items()],
     resources:
         **CPU_SITE,
     log:
@@ -41,6 +44,6 @@ rule report:
         "haven report --ingest-quarantine {input.ingest_quarantine:q} "
         "--anonymize-quarantine {input.anonymize_quarantine:q} --audit {input.audit:q} --stats {input.stats:q} "
         "--best {input.best:q} --trials {input.trials:q} --search {input.search:q} --history {input.history:q} "
-        "--run {input.run:q} --metrics {input.metrics:q} --plot {params.plots:q} "
+        "--run {input.run:q} --metrics {input.metrics:q} --plot {params.plots:q} --predict {params.predict:q} "
         "--html {output.html:q} --card {output.card:q} --card-with-model {output.card_with_model:q} "
         "--curves {output.curves:q} --params {params.settings:q} > {log:q} 2>&1"

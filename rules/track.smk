@@ -1,16 +1,20 @@
 rule register:
-    """MLflow model registry: the project's final model as a new version of <registry_prefix><project>,
-    with its test metrics and a link to its report; alias `champion` = best version so far."""
+    """MLflow model registry: the project's final model (the pyfunc package: files in, the training
+    run's preprocessing inside) as a new version of <registry_prefix><project>, with its test
+    metrics and a link to its report, the ONNX export beside it; alias `champion` = best version."""
     input:
         model=P("train/model.pt"),
         run=P("train/run.json"),
         metrics=P("evaluate/metrics.json"),
-        report=P("report/index.html"),
-        card=P("report/model_card.md"),
+        onnx=P("train/model.onnx"),
+        onnx_report=P("train/onnx.json"),
     output:
         P("track/registered.json"),
     params:
         settings=settings("register"),
+        # linked from the version, not read: rule report runs after register (it shows the registered
+        # model's predictions on new data) and logs the page and card to the train run itself
+        report=P("report/index.html"),
     resources:
         **CPU_SITE,
     log:
@@ -19,7 +23,8 @@ rule register:
         "../envs/track.yaml"
     shell:
         "haven register --model {input.model:q} --run {input.run:q} --metrics {input.metrics:q} "
-        "--report {input.report:q} --card {input.card:q} --out {output:q} "
+        "--report {params.report:q} --onnx {input.onnx:q} --onnx-report {input.onnx_report:q} "
+        "--out {output:q} "
         "--rule register --params {params.settings:q} > {log:q} 2>&1"
 
 

@@ -264,3 +264,117 @@ def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path):
     demo.make_brain_ct(out, n_patients=2, slices=1, seed=0)
     assert len([p for p in (out / "dicom").iterdir() if p.is_dir()]) == 2
     assert not list(tmp_path.glob(".again*"))  # no temporary folders left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# new patients for the predict DAG (haven.demonew): unlabeled, held back, PHI planted
+
+
+def _gate_unlabeled(src: Path, work: Path) -> dict:
+    """Ingest (unlabeled, as the DAG ingests a predict source), anonymize and audit ``src``."""
+    from haven import keys
+    from haven.deid.anonymize import anonymize
+    from haven.deid.audit import gate
+    from haven.ingest import Tables, ingest
+
+    key = keys.load_key(keys.create_key(work / "key"))
+    tables = Tables.in_folder(work / "phi")
+    (work / "phi").mkdir(parents=True)
+    got = ingest(src, tables, labels_required=False, label_folders=False)
+    out = work / "out"
+    out.mkdir()
+    done = anonymize(src, tables.manifest, key, data=out / "data", manifest=out / "manifest.csv",
+                     log_csv=out / "log.csv", quarantine=out / "quarantine.csv")
+    result, _ = gate([out / "data"], out / "manifest.csv", out / "log.csv", tables.identifiers, tables.manifest,
+                     out / "audit.json", key=key)
+    return {"files": got["files"], "anonymized": done["anonymized"], "passed": result["passed"],
+            "findings": result["findings"], "out": out}
+
+
+def test_digits_new_is_a_flat_unlabeled_hospital_export_of_new_images(tmp_path):
+    import re
+    import time
+
+    from sklearn.datasets import load_digits
+
+    from haven import demonew
+
+    t0 = time.perf_counter()
+    summary = demonew.make_digits_new(tmp_path / "new")
+    assert time.perf_counter() - t0 < 5
+    files = sorted((tmp_path / "new").glob("*.png"))
+    assert len(files) == 60 == summary["images"]
+    assert not [p for p in (tmp_path / "new").iterdir() if p.is_dir()]  # no class folders, no label table
+    assert not list((tmp_path / "new").glob("*.csv"))
+    assert all(re.fullmatch(r"PAT\d{6}_20\d{6}\.png", p.name) for p in files)
+    assert len({p.name.split("_")[0] for p in files}) == 60  # one patient each
+    train = np.rint(load_digits().images * 255 / 16).astype(np.uint8).reshape(1797, -1)
+    texts = 0
+    for p in files:
+        with Image.open(p) as im:
+            assert im.mode == "L" and im.size == (8, 8)
+            a = np.asarray(im).reshape(-1)
+            texts += "Comment" in im.text and "MRN" in im.text["Comment"]
+        assert not (train == a).all(axis=1).any(), p.name  # not a copy of a training image
+    assert texts == summary["with_text_chunk"] == 20
+    assert sum(summary["per_class"].values()) == 60 and len([v for v in summary["per_class"].values() if v]) >= 8
+
+
+def test_digits_new_passes_the_gate_and_loses_its_identifiers(tmp_path):
+    from haven import demonew
+
+    demonew.make_digits_new(tmp_path / "new")
+    got = _gate_unlabeled(tmp_path / "new", tmp_path / "gate")
+    assert got["files"] == got["anonymized"] == 60 and got["passed"] and not got["findings"]
+    written = (got["out"] / "manifest.csv").read_text() + "".join(p.name for p in (got["out"] / "data").rglob("*"))
+    for p in (tmp_path / "new").glob("*.png"):
+        assert p.stem not in written and p.stem.split("_")[0] not in written
+    for p in (got["out"] / "data").rglob("*.png"):
+        with Image.open(p) as im:
+            assert not im.text  # the text chunk with the name and MRN is gone
+
+
+def test_brain_ct_new_patients_are_not_the_training_demos(brain, tmp_path):
+    import time
+
+    from haven import demonew
+
+    t0 = time.perf_counter()
+    summary = demonew.make_brain_ct_new(tmp_path / "new")
+    assert time.perf_counter() - t0 < 5
+    assert summary["patients"] == 12 and summary["slices"] == 48
+    assert summary["hemorrhage"] == 6 == summary["normal"]  # a mix for the predictions to show
+    assert sorted(p.name for p in (tmp_path / "new").iterdir() if not p.name.startswith(".")) == ["dicom"]
+    new = _series(tmp_path / "new")
+    old = _series(brain[0])
+    assert len(new) == 12 and all(len(s) == 4 for s in new.values())
+    for kw in ("PatientID", "AccessionNumber", "OtherPatientIDs", "StudyInstanceUID"):
+        a = {str(s[0].get(kw)) for s in new.values()}
+        assert len(a) == 12 and not a & {str(s[0].get(kw)) for s in old.values()}, kw
+    assert not {d.SOPInstanceUID for s in new.values() for d in s} & {d.SOPInstanceUID for s in old.values() for d in s}
+    for slices in new.values():  # PHI where the training demo plants it
+        ds = slices[0]
+        assert ds.private_block(0x0009, "HAVEN_DEMO")[0x10].value == ds.PatientID
+        assert str(ds.PatientName).split("^")[0].title() in ds.ImageComments
+        assert ds.PatientBirthDate and ds.InstitutionName and ds.ReferringPhysicianName
+
+
+def test_brain_ct_new_passes_the_gate_and_is_deterministic(tmp_path):
+    from haven import demonew
+
+    demonew.make_brain_ct_new(tmp_path / "a", n_patients=4, slices=2)
+    demonew.make_brain_ct_new(tmp_path / "b", n_patients=4, slices=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.dcm"))
+    assert len(files) == 8
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    got = _gate_unlabeled(tmp_path / "a" / "dicom", tmp_path / "gate")
+    assert got["files"] == got["anonymized"] == 8 and got["passed"] and not got["findings"]
+
+
+def test_haven_demo_writes_the_new_sets(tmp_path):
+    from haven.cli import main
+
+    assert main(["demo", "digits-new", str(tmp_path / "d")]) == 0
+    assert main(["demo", "brain-ct-new", str(tmp_path / "b")]) == 0
+    assert len(list((tmp_path / "d").glob("PAT*.png"))) == 60
+    assert len(list((tmp_path / "b" / "dicom").rglob("*.dcm"))) == 48

@@ -43,7 +43,13 @@ def _by_hand(root, command: str, project: str | None) -> dict:
 
 
 def test_every_stage_of_both_demo_projects_gets_the_same_settings_by_hand(root, rule_settings):
-    expected = {(stage, p) for stage in cfg.STAGE_SECTIONS for p in ("digits", "brain-ct")}
+    # the gate stages also run on each project's predict source (the dataset <project>/predict/new),
+    # and reidentify only there; `--project digits/predict/new` by hand gets the same settings
+    gate = ("ingest", "anonymize", "audit", "reidentify")
+    projects = ("digits", "brain-ct")
+    datasets = [cfg.dataset_name(p, "new") for p in projects]
+    expected = {(stage, p) for stage in cfg.STAGE_SECTIONS if stage != "reidentify" for p in projects}
+    expected |= {(stage, d) for stage in gate for d in datasets}
     assert expected <= set(rule_settings), sorted(expected - set(rule_settings))
     for stage, project in sorted(expected):
         by_hand = _by_hand(root, stage, project)

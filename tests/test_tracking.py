@@ -53,7 +53,9 @@ def _split(path, n, seed, size=16):
     g = zarr.open_group(path, mode="w")
     g.create_array("images", data=images, chunks=(32, 1, size, size))
     g.create_array("labels", data=labels.astype(np.int64), chunks=(n,))
-    g.attrs.update({"classes": ["empty", "square"], "mean": [0.2], "std": [0.25]})
+    # what preprocess records and model.pt carries on: the settings that made the samples
+    pixels = {"size": size, "mode": "gray", "windows": [{"center": 40, "width": 80}], "slab": 0}
+    g.attrs.update({"classes": ["empty", "square"], "mean": [0.2], "std": [0.25], "pixels": pixels})
 
 
 def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
@@ -99,6 +101,13 @@ def _project(results: Path, name: str, tracking: dict, lr: float) -> Path:
     return proj
 
 
+def _register(files, tracking, name):
+    """The register stage's call: the model as haven's pyfunc package (files in, preprocessing inside)."""
+    from haven.predict.pyfunc import log_package
+
+    return trk.register_model(files, tracking, name, log_model=log_package)
+
+
 def test_registry_versions_carry_metrics_and_report_and_compare_lists_projects(tmp_path):
     import mlflow
 
@@ -114,7 +123,13 @@ def test_registry_versions_carry_metrics_and_report_and_compare_lists_projects(t
               for d in train_run.inputs.dataset_inputs}
     assert inputs == {("toy-a-train", "training"), ("toy-a-val", "validation")}
 
-    first = trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"}, "haven-toy-a")
+    # the ONNX export beside the model (haven export-onnx): register logs it to the train run
+    from haven.predict.onnx import export_and_check
+
+    record = export_and_check(a / "train" / "model.pt", a / "preprocess" / "test.zarr", a / "train" / "model.onnx")
+    (a / "train" / "onnx.json").write_text(json.dumps(record))
+    first = _register(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"}, "haven-toy-a")
+    assert {"onnx/model.onnx", "onnx/onnx.json"} <= {f.path for f in client.list_artifacts(train_run.info.run_id, "onnx")}
     assert first["version"] == 1 and first["champion_version"] == 1
     version = client.get_model_version("haven-toy-a", "1")
     evaluated = json.loads((a / "evaluate" / "metrics.json").read_text())
@@ -124,20 +139,33 @@ def test_registry_versions_carry_metrics_and_report_and_compare_lists_projects(t
     assert version.tags["haven.tune_run_id"] == "tune-of-toy-a"
     assert version.run_id == train_run.info.run_id and "index.html" in version.description
     assert int(client.get_model_version_by_alias("haven-toy-a", "champion").version) == 1
+    # the report stage (after register) logs its page to the train run the version links to
+    trk.log_report({**base, "project": "toy-a", "experiment": "haven-toy-a"}, a / "train" / "run.json",
+                   [a / "report" / "index.html"])
     assert "report/index.html" in [f.path for f in client.list_artifacts(train_run.info.run_id, "report")]
-    model = mlflow.pytorch.load_model("models:/haven-toy-a@champion")  # a loadable model, not just a file
-    assert model(__import__("torch").zeros(1, 1, 16, 16)).shape == (1, 2)
+    # a loadable model that takes files (the pyfunc package), not just a file
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 200, np.uint8)).save(png, format="PNG")
+    model = mlflow.pyfunc.load_model("models:/haven-toy-a@champion")
+    answer = model.predict(pd.DataFrame({"data": [base64.b64encode(png.getvalue()).decode()]}))
+    assert answer.loc[0, "predicted"] in ("empty", "square")
+    assert answer.loc[0, ["p_empty", "p_square"]].sum() == pytest.approx(1.0, abs=1e-5)
 
     # a worse later version does not take the alias; a better one does
     metrics = a / "evaluate" / "metrics.json"
     worse = {**evaluated, "balanced_accuracy": -1.0}
     metrics.write_text(json.dumps(worse))
-    assert trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
+    assert _register(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
                               "haven-toy-a")["champion_version"] == 1
     metrics.write_text(json.dumps({**evaluated, "balanced_accuracy": 2.0}))
-    assert trk.register_model(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
+    assert _register(trk.RegisterFiles.in_results(a), {**base, "project": "toy-a", "experiment": "haven-toy-a"},
                               "haven-toy-a")["champion_version"] == 3
-    trk.register_model(trk.RegisterFiles.in_results(b), {**base, "project": "toy-b", "experiment": "haven-toy-b"}, "haven-toy-b")
+    _register(trk.RegisterFiles.in_results(b), {**base, "project": "toy-b", "experiment": "haven-toy-b"}, "haven-toy-b")
 
     table = trk.compare({"toy-a": "haven-toy-a", "toy-b": "haven-toy-b", "none": "haven-none"}, results)
     assert list(table["project"]) == ["toy-a", "toy-b", "none"]

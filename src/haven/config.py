@@ -72,10 +72,46 @@ def load(path: str | Path) -> dict:
     return validate(config, str(path))
 
 
+PREDICT_DIR = "predict"
+
+
+def dataset_name(project_name: str, source: str) -> str:
+    """The name (and results sub-folder) of a project's new data source: ``<project>/predict/<source>``."""
+    return f"{project_name}/{PREDICT_DIR}/{source}"
+
+
+def _predict_dataset(config: dict, name: str) -> dict | None:
+    """The project-like settings of a predict source (the gate rules run on it as on a project):
+    the project's with its source, demo and PACS settings, no labels, and the DAG ending at the audit."""
+    parent, sep, rest = name.partition(f"/{PREDICT_DIR}/")
+    proj = config.get("projects", {}).get(parent) if sep else None
+    entry = (proj or {}).get("predict", {}).get("sources", {}).get(rest)
+    if entry is None:
+        return None
+    out = copy.deepcopy(proj)
+    out.update(source=entry["source"], demo=entry.get("demo"), labels=None, unlabeled=True, until="audit",
+               pacs=copy.deepcopy(entry["pacs"]) if entry.get("pacs") is not None else out["pacs"],
+               experiment=experiment_name(config, parent))
+    return out
+
+
+def datasets(config: dict) -> list[str]:
+    """Every dataset the gate rules (ingest, anonymize, audit) run on: the projects and their
+    predict sources (:func:`dataset_name`)."""
+    out = list(config.get("projects", {}))
+    for name, proj in config.get("projects", {}).items():
+        out += [dataset_name(name, s) for s in proj.get("predict", {}).get("sources", {})]
+    return out
+
+
 def project(config: dict, name: str) -> dict:
+    """A project's settings, or those of a project's predict source by its :func:`dataset_name`."""
     try:
         return config["projects"][name]
     except KeyError:
+        found = _predict_dataset(config, name)
+        if found is not None:
+            return found
         known = ", ".join(sorted(config.get("projects", {})))
         raise ConfigError(f"no project {name!r} in the config (known: {known})") from None
 
@@ -87,21 +123,25 @@ def experiment_name(config: dict, name: str) -> str:
 # The project's config sections each stage reads (its rule and `haven <stage> --config` alike);
 # their digest is the stage's ``config_hash`` lineage tag.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("labels", "label_key", "label_column", "until", "pacs"),  # pacs: also `haven fetch`
+    "ingest": ("labels", "label_key", "label_column", "unlabeled", "until", "pacs"),  # pacs: also `haven fetch`
     "anonymize": ("anonymize",),
     "audit": ("anonymize", "audit"),
     "preprocess": ("task", "preprocess"),
     "tune": ("task", "model", "train", "tune"),
     "train": ("task", "model", "train"),
-    "evaluate": ("task", "evaluate"),
+    "evaluate": ("task", "evaluate", "tta"),
+    "predict": ("task", "predict", "tta"),
+    "reidentify": ("predict", "anonymize"),
     "report": ("task", "model", "train", "tune"),
     "register": ("model",),
 }
 # Stages that need to find the pseudonymization key: they get where it is, never the key itself
-# (the audit: to check the keyed hashes of its accept list).
-KEY_STAGES = ("anonymize", "audit")
+# (the audit: to check the keyed hashes of its accept list; reidentify: to join predictions back to the
+# original ids through the keyed pseudonyms).
+KEY_STAGES = ("anonymize", "audit", "reidentify")
 # Top-level keys a stage needs beside its sections (not part of its config hash).
-STAGE_GLOBALS: dict[str, tuple[str, ...]] = {"register": ("registry_prefix", "best_metric")}
+STAGE_GLOBALS: dict[str, tuple[str, ...]] = {"register": ("registry_prefix", "best_metric"),
+                                             "predict": ("registry_prefix", "register_models")}
 
 
 def stage_settings(config: dict, name: str, stage: str) -> dict:

@@ -38,7 +38,7 @@ MARKER = ".haven-demo"  # marks a folder written by this module (safe to replace
 # shared helpers
 
 
-def _prepare(out_dir: Path) -> Path:
+def prepare_folder(out_dir: Path) -> Path:
     """A fresh temporary folder beside ``out_dir``; refuses to replace a folder we did not write."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
@@ -55,7 +55,7 @@ def _prepare(out_dir: Path) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
+def commit_folder(tmp: Path, out_dir: Path) -> None:
     """Swap the finished temporary folder into place (no half-written demo after a kill)."""
     out_dir = Path(out_dir)
     old = None
@@ -67,7 +67,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _abort(tmp: Path) -> None:
+def abort_folder(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -90,7 +90,7 @@ def make_digits(out_dir: Path, seed: int = 0) -> dict:
     images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     targets = digits.target.astype(int)
 
-    tmp = _prepare(out_dir)
+    tmp = prepare_folder(out_dir)
     try:
         per_class: dict[str, int] = {}
         for i, (img, y) in enumerate(zip(images, targets)):
@@ -102,9 +102,9 @@ def make_digits(out_dir: Path, seed: int = 0) -> dict:
             Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
             per_class[cls] += 1
         (tmp / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDRgarbage-not-a-png")
-        _commit(tmp, out_dir)
+        commit_folder(tmp, out_dir)
     except BaseException:
-        _abort(tmp)
+        abort_folder(tmp)
         raise
     summary = {
         "out_dir": str(out_dir),
@@ -154,7 +154,7 @@ _BASE_SPACING = 0.431  # mm, the base slice's PixelSpacing
 _BRAIN_HU = 37.0  # median HU of the base slice's brain parenchyma
 
 
-def _base_slice() -> tuple[np.ndarray, str]:
+def base_slice() -> tuple[np.ndarray, str]:
     """The anatomical base: (HU float32 512x512, description)."""
     try:
         import pydicom
@@ -227,7 +227,7 @@ def _uid(seed: int, *parts) -> str:
     return generate_uid(entropy_srcs=["haven-demo-brain-ct", str(seed), *map(str, parts)])
 
 
-def _patients(n: int, rng: np.random.Generator) -> list[dict]:
+def fictional_patients(n: int, rng: np.random.Generator) -> list[dict]:
     """Balanced labels; site and sex balanced within each label (so neither is a proxy)."""
     labels = np.array([1] * (n // 2) + [0] * (n - n // 2))
     rng.shuffle(labels)
@@ -438,31 +438,13 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
         raise ValueError(f"make_brain_ct has names for at most {len(_FAMILY) * len(_GIVEN['F']) // 2} patients")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
-    base, base_desc = _base_slice()
-    patients = _patients(n_patients, rng)
+    base, base_desc = base_slice()
+    patients = fictional_patients(n_patients, rng)
 
-    tmp = _prepare(out_dir)
+    tmp = prepare_folder(out_dir)
     try:
         dicom_root = tmp / "dicom"
-        dicom_root.mkdir()
-        first_file = None
-        n_files = 0
-        lesions = ["accession,instance,row,col,semi_axis_a,semi_axis_b,angle_deg"]
-        for p in patients:
-            i = p["index"]
-            uids = {
-                "study": _uid(seed, i, "study"),
-                "series": _uid(seed, i, "series"),
-                "frame": _uid(seed, i, "frame"),
-                "sop": [_uid(seed, i, "sop", k) for k in range(slices)],
-            }
-            anat = _transform(base, rng) + rng.uniform(-3, 3)
-            blob = _lesion(anat, rng) if p["label"] else None
-            series_dir = dicom_root / p["patient_id"] / f"{p['study'].strftime('%Y%m%d')}_{p['accession']}"
-            paths = _write_series(series_dir, p, uids, anat, blob, slices, rng, lesions)
-            n_files += len(paths)
-            first_file = first_file or paths[0]
-
+        n_files, first_file, lesions = write_patients(dicom_root, patients, slices, seed, rng, base)
         (dicom_root / "truncated.dcm").write_bytes(first_file.read_bytes()[:300])
         (dicom_root / "notes.dcm").write_text(
             "Export notes from the PACS admin: series re-sent after network timeout.\n"
@@ -473,9 +455,9 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
         ]
         (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
         (tmp / "lesions.csv").write_text("\n".join(lesions) + "\n")
-        _commit(tmp, out_dir)
+        commit_folder(tmp, out_dir)
     except BaseException:
-        _abort(tmp)
+        abort_folder(tmp)
         raise
 
     pos = sum(p["label"] for p in patients)
@@ -493,6 +475,32 @@ def make_brain_ct(out_dir: Path, n_patients: int = 60, slices: int = 4, seed: in
     log.info("brain-ct demo: %d patients, %d slices (%d hemorrhage) under %s",
              n_patients, n_files, pos, out_dir)
     return summary
+
+
+def write_patients(dicom_root: Path, patients: list[dict], slices: int, uid_seed, rng: np.random.Generator,
+                   base: np.ndarray) -> tuple[int, Path, list[str]]:
+    """Every patient's series under ``dicom_root/<PatientID>/<StudyDate>_<Accession>/``; returns the
+    file count, the first file and the lesion table's lines (header first).  ``uid_seed`` keys the
+    UIDs (another seed, another set of studies)."""
+    dicom_root.mkdir()
+    first_file = None
+    n_files = 0
+    lesions = ["accession,instance,row,col,semi_axis_a,semi_axis_b,angle_deg"]
+    for p in patients:
+        i = p["index"]
+        uids = {
+            "study": _uid(uid_seed, i, "study"),
+            "series": _uid(uid_seed, i, "series"),
+            "frame": _uid(uid_seed, i, "frame"),
+            "sop": [_uid(uid_seed, i, "sop", k) for k in range(slices)],
+        }
+        anat = _transform(base, rng) + rng.uniform(-3, 3)
+        blob = _lesion(anat, rng) if p["label"] else None
+        series_dir = dicom_root / p["patient_id"] / f"{p['study'].strftime('%Y%m%d')}_{p['accession']}"
+        paths = _write_series(series_dir, p, uids, anat, blob, slices, rng, lesions)
+        n_files += len(paths)
+        first_file = first_file or paths[0]
+    return n_files, first_file, lesions
 
 
 def _lesion(anat: np.ndarray, rng: np.random.Generator) -> dict:

@@ -179,29 +179,41 @@ def _numeric(metrics: dict) -> dict:
 
 @dataclass(frozen=True)
 class RegisterFiles:
-    """What the register stage reads: the model, the train run, its test metrics and its report."""
+    """What the register stage reads: the model, the train run, its test metrics, and (when
+    exported) the ONNX graph with its parity record (``haven export-onnx``); ``report`` is where the
+    project's page will be, linked from the version but not read (the report stage comes after
+    register, so that the page can show the registered model's predictions on new data, and logs
+    itself to the train run: :func:`log_report`)."""
 
     model: Path
     run: Path
     metrics: Path
     report: Path
-    card: Path
+    onnx: Path | None = None
+    onnx_report: Path | None = None
 
     @classmethod
     def in_results(cls, project_dir: str | os.PathLike) -> "RegisterFiles":
         """The files where the rules put them under a project's results folder (by hand, tests)."""
         d = Path(project_dir)
         return cls(d / "train" / "model.pt", d / "train" / "run.json", d / "evaluate" / "metrics.json",
-                   d / "report" / "index.html", d / "report" / "model_card.md")
+                   d / "report" / "index.html", d / "train" / "model.onnx",
+                   d / "train" / "onnx.json")
 
 
 def register_model(files: RegisterFiles, tracking: dict, name: str,
-                   metric: str = "test_balanced_accuracy", alias: str = "champion") -> dict:
-    """Register the project's final model (the train run's ``model.pt``, as an MLflow PyTorch
-    model) as a new version of ``name``: version tags and description carry the test metrics,
-    the lineage and a link to the project's report (also logged as an artifact of the train
-    run).  The alias ``alias`` points at the version with the best ``metric`` so far.  Returns
-    what ``registered.json`` holds."""
+                   metric: str = "test_balanced_accuracy", alias: str = "champion", *, log_model) -> dict:
+    """Register the project's final model (the train run's ``model.pt`` with evaluate's
+    calibration and decision rule, as the pyfunc package of :mod:`haven.predict.pyfunc`: input
+    DICOM/PNG/JPEG files, the training run's preprocessing inside) as a new version of ``name``:
+    version tags and description carry the test metrics, the lineage and a link to the project's
+    report (also logged as an artifact of the train run, as are the ONNX graph and its parity
+    record when ``files`` has them).  ``log_model(model_pt, metrics_json, name=, version=, params=)``
+    logs the package into the active run and returns its ModelInfo: the caller passes
+    :func:`haven.predict.pyfunc.log_package` (this module sits below the stages and never imports
+    them; the package's code decodes files through the preprocess stage, which imports this).
+    The alias ``alias`` points at the version with the best ``metric`` so far.  Returns what
+    ``registered.json`` holds."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -213,23 +225,25 @@ def register_model(files: RegisterFiles, tracking: dict, name: str,
     evaluated = json.loads(Path(files.metrics).read_text())
     test = {f"test_{k}": v for k, v in _numeric(evaluated).items() if k not in ("n", "chance_accuracy")}
     report = Path(files.report)
-    model, meta = load_model(files.model)
+    _, meta = load_model(files.model)
 
     with session(tracking):
         client = MlflowClient()
         train_run = client.get_run(run_id)
         with mlflow.start_run(run_id=run_id):
-            for path in (report, Path(files.card)):
-                if path.is_file():
-                    mlflow.log_artifact(str(path), artifact_path="report")
+            for path in (files.onnx, files.onnx_report):
+                if path is not None and Path(path).is_file():
+                    mlflow.log_artifact(str(path), artifact_path="onnx")
             report_artifact = mlflow.get_artifact_uri("report/index.html")
-            info = _log_pytorch_model(model, meta)
+            # the rows it answers say the train run until the registry version exists
+            info = log_model(files.model, files.metrics, name=name, version=f"run {run_id}",
+                             params=meta.get("hparams"))
             if test:
                 mlflow.log_metrics(test, model_id=info.model_id)
         lineage = {k: v for k, v in train_run.data.tags.items()
                    if k in ("haven.config_hash", "haven.data_manifest_hash", "haven.git_commit", "haven.git_dirty",
                             "haven.tune_run_id")}
-        report_link = report.resolve().as_uri() if report.is_file() else ""
+        report_link = report.resolve().as_uri()  # written after register, at this place (log_report)
         tags = {**{k: f"{v:.6g}" for k, v in test.items()}, **lineage, "haven.project": tracking["project"],
                 "haven.train_run_id": run_id, "report": report_link, "report_artifact": report_artifact,
                 "backbone": meta["backbone"]}
@@ -251,6 +265,19 @@ def register_model(files: RegisterFiles, tracking: dict, name: str,
             "report_artifact": report_artifact, "tracking_uri": mlflow.get_tracking_uri()}
 
 
+def log_report(tracking: dict, run_json: str | os.PathLike, paths: list[str | os.PathLike]) -> None:
+    """Log the project's report page and model card (``paths``) to its train run under ``report/``
+    (the registered version links there: :func:`register_model`)."""
+    import mlflow
+
+    run_id = json.loads(Path(run_json).read_text()).get("mlflow_run_id")
+    if not run_id:
+        return
+    with session(tracking), mlflow.start_run(run_id=run_id):
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path="report")
+
+
 def _version_description(project: str, meta: dict, test: dict, report_link: str, report_artifact: str,
                          run_id: str, lineage: dict) -> str:
     """The model version's description: what it classifies, its test metrics and where it came from."""
@@ -264,26 +291,6 @@ def _version_description(project: str, meta: dict, test: dict, report_link: str,
               f"commit `{lineage.get('haven.git_commit', '')}`, "
               f"audited data `{lineage.get('haven.data_manifest_hash', '')}`."]
     return "\n".join(lines)
-
-
-def _log_pytorch_model(model, meta: dict):
-    """The model as an MLflow PyTorch model (with signature): input = normalized float images
-    (N, C, size, size), output = class logits; classes and the normalization are in its metadata."""
-    import mlflow
-    import numpy as np
-    import torch
-
-    example = np.zeros((1, meta["in_chans"], meta["size"], meta["size"]), dtype=np.float32)
-    kwargs = dict(name="model", input_example=example,
-                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
-                  metadata={"classes": [str(c) for c in meta["classes"]], "in_chans": meta["in_chans"],
-                            "size": meta["size"], "mean": meta["mean"], "std": meta["std"],
-                            "backbone": meta["backbone"], "input": "images normalized with mean/std, NCHW float32",
-                            "code": "haven (haven.learn.models), timm"},
-                  params={k: str(v) for k, v in (meta.get("hparams") or {}).items()})
-    # pickled module (torch.export's "pt2" fixes the example's batch size): loading needs torch, timm
-    # and haven installed, as the model card says
-    return mlflow.pytorch.log_model(model, serialization_format="pickle", **kwargs)
 
 
 def _champion(client, name: str, metric: str) -> str | None:

@@ -15,9 +15,10 @@ import argparse
 import logging
 import sys
 
-from haven.cli import admin, deid, deidentify, fetch, ingest, learn, report, track, trust
+from haven.cli import (admin, deid, deidentify, fetch, ingest, learn, package, predict, report, results, serve, track,
+                       trust)
 
-MODULES = (admin, fetch, ingest, deid, deidentify, learn, trust, report, track)
+MODULES = (admin, fetch, ingest, deid, deidentify, learn, trust, report, track, predict, package, results, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,11 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from haven import demo
+    from haven import demo, demonew
 
-    out = Path(args.out)
-    summary = demo.make_digits(out, seed=args.seed) if args.name == "digits" else demo.make_brain_ct(out, seed=args.seed)
+    makers = {"digits": demo.make_digits, "brain-ct": demo.make_brain_ct,
+              "digits-new": demonew.make_digits_new, "brain-ct-new": demonew.make_brain_ct_new}
+    summary = makers[args.name](Path(args.out), seed=args.seed)
     # counts only: the demo's details (sites, names) are the kind of PHI a log must not carry
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
     return 0
@@ -57,8 +58,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dest", help="profile folder (default: $XDG_CONFIG_HOME/snakemake, i.e. ~/.config/snakemake)")
     p.add_argument("--force", action="store_true", help="replace an installed profile that differs")
     p.set_defaults(func=cmd_profile)
-    p = sub.add_parser("demo", help="generate a demo dataset from packages (no download)")
-    p.add_argument("name", choices=["digits", "brain-ct"])
+    p = sub.add_parser("demo", help="generate a demo dataset from packages (no download); *-new: held-back, "
+                                    "unlabeled new patients for the predict DAG")
+    p.add_argument("name", choices=["digits", "brain-ct", "digits-new", "brain-ct-new"])
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

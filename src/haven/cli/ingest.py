@@ -24,7 +24,7 @@ def cmd_ingest(args) -> int:
     s = settings(args)
     # labels are needed only from preprocess on: a de-identification-only project goes without
     summary = ingest(Path(args.source), out, **_labels(s), shard=parse_shard(args.shard),
-                     labels_required=s["until"] != "audit")
+                     labels_required=s["until"] != "audit", label_folders=not s["unlabeled"])
     print(json.dumps(summary))
     return 0
 

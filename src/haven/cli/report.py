@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from haven.cli.common import settings, stage_args
+from haven.cli.common import settings, stage_args, tracking
 
 log = logging.getLogger("haven")
 
@@ -39,7 +39,7 @@ def _field(flag: str) -> str:
 def _plot(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
     if not (sep and name and path):
-        raise argparse.ArgumentTypeError(f"--plot wants NAME=PATH, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
     return name, Path(path)
 
 
@@ -48,9 +48,18 @@ def cmd_report(args) -> int:
     from haven.report.page import project_report
 
     s = settings(args)
-    inputs = Inputs(**{_field(k): Path(getattr(args, _field(k))) for k in INPUTS}, plots=dict(args.plot))
+    twice = sorted({n for n, _ in args.predict if [m for m, _ in args.predict].count(n) > 1})
+    if twice:  # dict() below would silently keep the last summary
+        raise ValueError(f"--predict names a source twice: {', '.join(twice)}")
+    inputs = Inputs(**{_field(k): Path(getattr(args, _field(k))) for k in INPUTS}, plots=dict(args.plot),
+                    predict=dict(args.predict))
     outputs = Outputs(**{_field(k): Path(getattr(args, _field(k))) for k in OUTPUTS})
     path = project_report(inputs, outputs, s)
+    trk = tracking(s)
+    if trk is not None:  # the registered version links to the page in the train run (haven.track.log_report)
+        from haven.track import log_report
+
+        log_report(trk, inputs.run, [outputs.html, outputs.card])
     print(f"report written to {path}")
     return 0
 
@@ -62,5 +71,7 @@ def add_commands(sub) -> None:
     p.add_argument("--plot", type=_plot, action="extend", nargs="+", default=[], metavar="NAME=PATH",
                    help="an evaluate plot, by its name in rule evaluate's outputs (confusion, roc, ...); "
                         "a plot not given shows as not available")
+    p.add_argument("--predict", type=_plot, action="extend", nargs="*", default=[], metavar="SOURCE=PATH",
+                   help="a predict source's summary.json (predict/<source>/summary.json), by the source's name")
     stage_args(p)
     p.set_defaults(func=cmd_report)

@@ -12,6 +12,7 @@ log = logging.getLogger("haven")
 
 
 def cmd_register(args) -> int:
+    from haven.predict.pyfunc import log_package
     from haven.track import RegisterFiles, register_model
 
     s = settings(args)
@@ -21,8 +22,9 @@ def cmd_register(args) -> int:
         raise ValueError("register needs the project's tracking settings (project, experiment, results)")
     prefix = args.prefix if args.prefix is not None else s["registry_prefix"]
     metric = args.metric or s["best_metric"]
-    files = RegisterFiles(Path(args.model), Path(args.run), Path(args.metrics), Path(args.report), Path(args.card))
-    info = register_model(files, trk, f"{prefix}{s['project']}", metric=metric)
+    files = RegisterFiles(Path(args.model), Path(args.run), Path(args.metrics), Path(args.report),
+                          Path(args.onnx) if args.onnx else None, Path(args.onnx_report) if args.onnx_report else None)
+    info = register_model(files, trk, f"{prefix}{s['project']}", metric=metric, log_model=log_package)
     out = Path(args.out)
     from haven.io import atomic_write_text
 
@@ -57,9 +59,11 @@ def add_commands(sub) -> None:
     p.add_argument("--model", required=True, help="the train stage's model.pt")
     p.add_argument("--run", required=True, help="the train stage's run.json (the MLflow run of the model)")
     p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json")
-    p.add_argument("--report", required=True, help="the project's report page (linked from the version)")
-    p.add_argument("--card", required=True, help="the model card (logged beside the report)")
+    p.add_argument("--report", required=True, help="where the project's report page will be (linked from the "
+                                                   "version; not read: the report stage runs after register)")
     p.add_argument("--out", required=True, help="where to write registered.json")
+    p.add_argument("--onnx", help="haven export-onnx's model.onnx (logged to the train run)")
+    p.add_argument("--onnx-report", help="haven export-onnx's onnx.json, its parity record (logged beside it)")
     p.add_argument("--prefix", help="registered model name = PREFIX + project (default: config registry_prefix)")
     p.add_argument("--metric", help="metric that picks the `champion` version (default: config best_metric)")
     stage_args(p)

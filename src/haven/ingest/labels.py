@@ -84,10 +84,14 @@ def norm_rel(p: str) -> str:
 class Labels:
     """The label of each file: :meth:`apply` sets it on a manifest row or raises Quarantine."""
 
-    def __init__(self, table: Path | None, label_key: str | None, label_column: str, required: bool = True):
+    def __init__(self, table: Path | None, label_key: str | None, label_column: str, required: bool = True,
+                 folders: bool = True):
         self.table = self.patients = self.key_field = None
         self.name = ""
         self.required = required  # False: a file without a label keeps an empty one (de-identification only)
+        # False: no label is looked for in folder names (unlabeled data, e.g. new patients to predict:
+        # an export's folders often name patients, and a label is carried into the safe haven)
+        self.folders = folders
         if table is not None:
             self.table, self.patients, self.key_field = load_labels(Path(table), label_key, label_column)
             self.name = Path(table).name
@@ -106,6 +110,9 @@ class Labels:
             row["label"] = ""
 
     def _apply(self, row: dict, ids: list[tuple[str, str]]) -> None:
+        if self.table is None and not self.folders:
+            row["label"] = ""
+            return
         if self.table is None:
             parent = PurePosixPath(row["path"]).parent
             if str(parent) in ("", "."):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_key: str | None = None,
            label_column: str | None = None, *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1),
-           labels_required: bool = True) -> dict:
+           labels_required: bool = True, label_folders: bool = True) -> dict:
     """Walk ``source`` into the manifest, identifiers and quarantine list of ``out`` (:class:`Tables`,
     or a folder: its ``{manifest,identifiers,quarantine}.csv``).
 
@@ -35,7 +35,8 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
     ``shard=(i, n)`` reads only the files of shard i of n (:func:`haven.shards.shard_of`); the
     shards' outputs are merged by :func:`haven.ingest.merge_ingest`.  ``labels_required=False``
     (a de-identification-only project, ``until: audit``): a file without a label is ingested with
-    an empty one instead of being quarantined.
+    an empty one instead of being quarantined; ``label_folders=False`` (unlabeled data) looks for
+    no label in folder names at all.
 
     Returns ``{"files", "accepted", "quarantined", "patients"}``.
     """
@@ -46,7 +47,7 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
         from haven.config import section_defaults
 
         label_column = section_defaults("label_column")
-    labeller = Labels(labels, label_key, label_column, required=labels_required)
+    labeller = Labels(labels, label_key, label_column, required=labels_required, folders=label_folders)
     # outputs written inside the source are not part of it
     root = source.resolve()
     skip = {p for p in (Path(f).parent.resolve() for f in (out.manifest, out.identifiers, out.quarantine))

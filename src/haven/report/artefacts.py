@@ -33,6 +33,8 @@ class Inputs:
     metrics: Path
     # evaluate plot name (the rule's output name, e.g. "roc") → its PNG; the page places each by name
     plots: dict[str, Path] = field(default_factory=dict)
+    # predict source name → its summary.json (haven.predict.stage.summary): predictions on new data
+    predict: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Artefacts:
     history: pd.DataFrame
     quarantine: list[tuple]  # (reason, files), ingest's reasons then anonymize's
     trials: pd.DataFrame | None
+    predict: dict[str, dict] = field(default_factory=dict)  # source → its prediction summary
 
 
 def quarantine_reasons(path: Path) -> list[tuple]:
@@ -84,7 +87,16 @@ def load(inputs: Inputs) -> Artefacts:
         history=pd.read_csv(inputs.history),
         quarantine=quarantine_reasons(inputs.ingest_quarantine) + quarantine_reasons(inputs.anonymize_quarantine),
         trials=read_trials(inputs.trials),
+        predict={name: read_summary(path) for name, path in sorted(inputs.predict.items())},
     )
+
+
+def read_summary(path: Path) -> dict:
+    """A predict source's summary.json (counts and means only: it holds no identifier)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: run the predict stage for that source first "
+                                "(`snakemake ... predict`), or leave it out of `haven report --predict`")
+    return json.loads(Path(path).read_text())
 
 
 def image_data(path: Path) -> str | None:

@@ -16,6 +16,15 @@ def hyperparameters(best: dict) -> dict:
     return {"best_value": f.fmt(best.get("value")), "best_config": json.dumps(best.get("config", {}), default=str)}
 
 
+def applied(a: Artefacts) -> dict:
+    """How the model is applied, as the page and the card both show it: the decision rule, TTA's
+    effect on the test metrics, and the predictions on each predict source."""
+    m = a.metrics
+    return {"decision_text": f.decision_text(m), "tta_rows": f.tta_rows(m), "tta_note": f.tta_note(m),
+            "prediction_rows": f.prediction_rows(a.predict), "prediction_header": f.PREDICTION_HEADER,
+            "prediction_note": f.prediction_note(a.predict)}
+
+
 def model_card(project: str, s: dict, a: Artefacts) -> str:
     m = a.metrics
     sg, rob, cal = m.get("subgroups", {}), m.get("robustness", {}), m.get("calibration", {})
@@ -30,7 +39,7 @@ def model_card(project: str, s: dict, a: Artefacts) -> str:
         subgroup_summary=f.subgroup_summary(sg), gap_rows=f.gap_rows(sg), explain_summary=f.explain_summary(
             m.get("explain", {})), robustness=rob, robustness_rows=f.robustness_rows(rob),
         robustness_note=f.robustness_note(rob) if rob else "", limitations=f.limitations(a.stats, m),
-        **hyperparameters(a.best))
+        **applied(a), **hyperparameters(a.best))
 
 
 def log_card(s: dict, run: dict, card: Path) -> None:

@@ -210,3 +210,63 @@ def limitations(stats: dict, metrics: dict) -> list[str]:
         out.append(f"Not robust to adversarial noise: PGD at ε = {max(rob['epsilons']):g} leaves {fmt(worst)} accuracy.")
     out.append("Performance on other scanners, sites, protocols or populations is unknown.")
     return out
+
+
+def decision_text(metrics: dict) -> str:
+    """The decision rule a prediction applies (evaluate's ``decision``, chosen on validation)."""
+    d = metrics.get("decision")
+    if not d:
+        return "No decision rule recorded (metrics.json from before prediction existed): predictions use argmax."
+    if d.get("rule") != "threshold" or d.get("threshold") is None:
+        return ("Predictions on new data name the most probable class (argmax): "
+                + ("more than two classes." if len(metrics.get("classes") or metrics.get("per_class") or []) > 2
+                   else "no validation split with both classes to choose a threshold on."))
+    which = "temperature-scaled probability" if d.get("calibrated") else "probability"
+    return (f"Predictions on new data call {d['positive']} when its {which} is ≥ {d['threshold']:.3f}: the cut-off "
+            f"with the largest sensitivity + specificity ({d.get('criterion', 'youden')}) on the validation split "
+            f"(n = {d.get('val_n', '–')}), never on the test split. The test metrics above are argmax's.")
+
+
+def tta_rows(metrics: dict) -> list[tuple]:
+    """metric, without TTA, with TTA, difference (evaluate's ``tta``, when enabled)."""
+    t = metrics.get("tta") or {}
+    names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC AUC",
+             "pr_auc": "PR AUC"}
+    return [(name, fmt(t[k].get("without")), fmt(t[k].get("with")),
+             f"{t[k]['delta']:+.3f}" if isinstance(t[k].get("delta"), float) else fmt(t[k].get("delta")))
+            for k, name in names.items() if isinstance(t.get(k), dict)]
+
+
+def tta_note(metrics: dict) -> str:
+    t = metrics.get("tta")
+    if not t:
+        return "Test-time augmentation off (project setting `tta.enabled: false`)."
+    return (f"Test-time augmentation: probabilities averaged over {len(t['views'])} views ({', '.join(t['views'])}"
+            + (f"; shifts of {t['shift']} px" if t.get("shift") else "") + "). The headline metrics are without it.")
+
+
+def prediction_rows(summaries: dict[str, dict]) -> list[tuple]:
+    """Per predict source: files, predicted, not decoded, patients, predicted classes, mean
+    calibrated probability per class, the model applied."""
+    rows = []
+    for name, s in summaries.items():
+        model = s.get("model") or {}
+        rows.append((name, s.get("files"), s.get("predicted"), s.get("not_decoded"), s.get("patients"),
+                     ", ".join(f"{c}: {n}" for c, n in (s.get("per_class") or {}).items()) or "–",
+                     ", ".join(f"{c}: {v:.3f}" for c, v in (s.get("mean_calibrated") or {}).items()) or "–",
+                     f"{model.get('name') or '–'} {model.get('version') or ''}".strip()))
+    return rows
+
+
+PREDICTION_HEADER = ("source", "files", "predicted", "not decoded", "patients", "predicted class",
+                     "mean calibrated probability", "model")
+
+
+def prediction_note(summaries: dict[str, dict]) -> str:
+    if not summaries:
+        return "No predict source in this project (`predict.sources` in config.yaml)."
+    return ("New, unlabeled data that passed the same gate as the training data (ingest, anonymize, audit), "
+            "decoded with the training run's preprocessing; the predicted class uses the decision rule above. "
+            "Counts only: per-file predictions are in results/<project>/predict/<source>/predictions.csv "
+            "(pseudonymous), the re-identified copy in the PHI zone. No accuracy can be stated: the data "
+            "carries no labels.")

@@ -3,9 +3,11 @@
 The page (``report/index.html``, ``templates/page.html.j2``; images embedded as data URIs so it
 travels alone and shows inside ``snakemake --report``) has: data summary (images/patients per
 split and class, quarantined files by reason, the de-identification audit), the hyperparameter
-search, the training curves, every evaluate output (metrics with confidence intervals,
-confusion, ROC, PR, calibration, subgroup audit, Grad-CAM / Integrated Gradients with the
-randomization check, adversarial robustness) and the model card (:mod:`haven.report.card`).
+search, the training curves, every evaluate output (metrics with confidence intervals, the
+decision rule chosen on validation, test-time augmentation's effect when enabled, confusion, ROC,
+PR, calibration, subgroup audit, Grad-CAM / Integrated Gradients with the randomization check,
+adversarial robustness), the predictions on each predict source's new data (their summaries)
+and the model card (:mod:`haven.report.card`).
 
 Every file read or written is named by the caller (:class:`~haven.report.artefacts.Inputs`,
 :class:`~haven.report.artefacts.Outputs`: rule report's declared inputs and outputs); which
@@ -20,7 +22,7 @@ from pathlib import Path
 from haven.io import atomic_write_text
 from haven.report import findings as f
 from haven.report.artefacts import Artefacts, Inputs, Outputs, image_data, load
-from haven.report.card import hyperparameters, log_card, model_card
+from haven.report.card import applied, hyperparameters, log_card, model_card
 from haven.report.curves import plot_history
 from haven.report.render import render
 
@@ -30,7 +32,7 @@ log = logging.getLogger("haven")
 SECTIONS = (("data", "Data"), ("search", "Hyperparameter search"), ("training", "Training"),
             ("metrics", "Test metrics"), ("calibration", "Calibration"), ("bias", "Subgroup audit"),
             ("interpretability", "Interpretability"), ("robustness", "Adversarial robustness"),
-            ("card", "Model card"))
+            ("predictions", "Predictions on new data"), ("card", "Model card"))
 
 
 def project_report(inputs: Inputs, outputs: Outputs, s: dict) -> Path:
@@ -69,7 +71,7 @@ def page(project: str, a: Artefacts, inputs: Inputs, outputs: Outputs, card: str
         gap_rows=f.gap_rows(sg), subgroup_rows=f.subgroup_rows(sg), subgroup_header=f.subgroup_header(sg),
         explain_summary=f.explain_summary(m.get("explain", {})), robustness=rob,
         robustness_rows=f.robustness_rows(rob), robustness_note=f.robustness_note(rob) if rob else "", card=card,
-        **hyperparameters(a.best))
+        **applied(a), **hyperparameters(a.best))
     # a plot the rules pass but the template does not place (a new evaluate output) would be
     # silently missing from the page: say so in the job's log
     for name in sorted(set(plots) - placed):

@@ -14,7 +14,8 @@ from haven.sources.base import HEADER_FIELDS, NO, NotMine, Quarantine, Reader, r
 from haven.sources.dicom import DicomReader
 from haven.sources.images import ImageReader
 
-__all__ = ["HEADER_FIELDS", "READERS", "Quarantine", "Reader", "quiet", "read_header", "reader_for", "reason"]
+__all__ = ["HEADER_FIELDS", "READERS", "Quarantine", "Reader", "kind_of", "quiet", "read_header", "reader_for",
+           "reason"]
 
 # in order of preference: a tie between two readers' recognise() goes to the first
 READERS: tuple[Reader, ...] = (DicomReader(), ImageReader())
@@ -32,6 +33,20 @@ def reader_for(kind: str) -> Reader:
         return _BY_KIND[kind]
     except KeyError:
         raise ValueError(f"no reader for files of kind {kind!r} (known: {', '.join(_BY_KIND)})") from None
+
+
+def kind_of(head: bytes, suffix: str = "") -> str | None:
+    """The kind of a file from its first bytes (up to 132) and lower-case suffix, as ingest would
+    decide it (the surest reader), else by a reader's signature (:meth:`Reader.misnamed`); None when
+    no reader takes them.  For bytes that arrive without a file (a request to the REST service)."""
+    best, sure = None, NO
+    for r in READERS:
+        level = r.recognise(head[:132], suffix, _OTHERS[r.kind])
+        if level > sure:
+            best, sure = r, level
+    if best is None:  # bytes without a (right) name: the reader whose signature they carry
+        best = next((r for r in READERS if r.misnamed(head[:132], suffix)), None)
+    return best.kind if best is not None else None
 
 
 def read_header(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tuple[str, str]]]:

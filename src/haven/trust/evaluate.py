@@ -127,11 +127,13 @@ def _read(split, idx: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path | None, outputs: Outputs,
-             settings: dict, task: str, tracking: dict | None = None, seed: int = 42) -> dict:
+             settings: dict, task: str, tracking: dict | None = None, seed: int = 42, tta: dict | None = None) -> dict:
     """The evaluate stage: see the module docstring. ``settings`` is the project's validated
     ``evaluate`` config section (``haven.config.section_defaults("evaluate")`` outside a project),
     ``task`` its ``task:`` name; ``val_path`` (may be None or missing) is only read for
-    temperature scaling. Returns what it writes to ``outputs.metrics``."""
+    temperature scaling and the decision rule. ``tta``: the project's ``tta`` section; when
+    enabled, ``metrics["tta"]`` holds the test metrics with and without it (the headline metrics
+    stay the plain model's). Returns what it writes to ``outputs.metrics``."""
     import torch
 
     from haven.learn.checkpoint import load_model
@@ -155,6 +157,9 @@ def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path
     pred = probs.argmax(1)
     metrics = _performance(learning_task, test, y, probs, classes, s, pos, seed)
     lap("metrics")
+    if tta and tta.get("enabled"):
+        metrics["tta"] = _tta(model, test, learning_task, tta, y, classes, s, metrics)
+        lap("tta")
 
     val = None
     if s["temperature_scaling"] and val_path is not None and Path(val_path).exists():
@@ -163,6 +168,7 @@ def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path
             val = _predict(model, vsplit, learning_task)
     cal, scaled = calibration(probs, y, int(s["calibration_bins"]), val)
     metrics["calibration"] = cal
+    metrics["decision"] = _decision(model, val_path, learning_task, val, classes, pos, cal.get("temperature"))
     lap("calibration")
 
     metrics["subgroups"] = _subgroups(test, y, probs, classes, s, pos, outputs.subgroups_table)
@@ -192,11 +198,48 @@ def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path
     return metrics
 
 
+def _decision(model, val_path, task, val, classes: list[str], pos: int, temperature: float | None) -> dict:
+    """The decision rule prediction applies (:mod:`haven.trust.decision`), chosen on the val split."""
+    from haven.learn.data import ZarrSplit
+    from haven.trust.decision import choose
+
+    if val is None and val_path is not None and Path(val_path).exists():
+        vsplit = ZarrSplit(Path(val_path))
+        val = _predict(model, vsplit, task) if len(vsplit) else None
+    return choose(*(val if val is not None else (None, None)), classes, pos, temperature)
+
+
 def _predict(model, split, task) -> tuple[np.ndarray, np.ndarray]:
     from haven.learn.infer import predict
 
     # amp: predict's former default; autocast only acts on a GPU, and evaluate's model stays on the CPU
     return predict(model, split, task, amp="bf16")
+
+
+# the test metrics compared with and without test-time augmentation
+TTA_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc")
+
+
+def _tta(model, test, task, spec: dict, y: np.ndarray, classes: list[str], s: dict, plain: dict) -> dict:
+    """The test metrics of the TTA-averaged probabilities beside the plain ones (``with``,
+    ``without``, ``delta`` per metric) and the views averaged."""
+    import torch
+
+    from haven.learn import tta
+    from haven.learn.data import normalize
+
+    out = []
+    with torch.inference_mode():
+        for x, _ in test.batches(128, shuffle=False):
+            out.append(tta.scores(model, normalize(x, test.mean, test.std), task, spec).numpy())
+    probs = np.concatenate(out)
+    with_tta = task.metrics(y, probs, classes, s)
+    record: dict = {"views": tta.views(spec), "shift": int(spec.get("shift") or 0)}
+    for k in TTA_METRICS:
+        a, b = plain.get(k), with_tta.get(k)
+        record[k] = {"without": a, "with": b,
+                     "delta": b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None}
+    return record
 
 
 def _settings_record(s: dict) -> dict:
@@ -362,6 +405,8 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     for m, v in (metrics.get("explain", {}).get("randomization_spearman") or {}).items():
         if m in ("gradcam", "integrated_gradients"):
             put(f"randomization_spearman_{m}", v)
+    for k in TTA_METRICS:
+        put(f"tta_{k}", ((metrics.get("tta") or {}).get(k) or {}).get("with"))
     rob = metrics.get("robustness", {})
     for attack in ("fgsm", "pgd"):
         for e, acc in zip(rob.get("epsilons", []), rob.get(attack, [])):

@@ -1,0 +1,115 @@
+"""The predict stage: audited new data → ``predictions.csv`` and ``summary.json``.
+
+Reads only what passed the audit (the gate preprocess applies: :func:`haven.learn.preprocess.check_audit`);
+decodes each file with the *training run's* preprocessing carried by the bundle
+(:mod:`haven.predict.bundle`), 2.5D slabs from the file's own series as preprocess builds them;
+writes one row per file with the pseudonymous ids of the anonymize manifest (patient, study,
+series, instance) and the bundle's columns.  A file that cannot be decoded gets a row with its
+``status`` (the reason) and no probabilities: one bad file never stops a cohort.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from haven.io import atomic_write_text
+from haven.learn.preprocess import Inputs, check_audit, slab_members
+from haven.progress import progress
+from haven.sources import reason
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ("file", "kind", "patient", "study", "series", "instance")
+
+
+class _Serial:
+    """The two calls of a Dask client :func:`slab_members` makes, run here (predict needs no cluster)."""
+
+    @staticmethod
+    def map(fn, *iterables, pure=False):
+        return [fn(*args) for args in zip(*iterables)]
+
+    @staticmethod
+    def gather(results):
+        return results
+
+
+def _ids(rows: pd.DataFrame) -> pd.DataFrame:
+    out = rows.reindex(columns=["file", "kind", "patient", "study", "series"], fill_value="").copy()
+    # the anonymize stage names a DICOM file by its keyed SOP Instance UID: <shard>/<patient>/<study>/<sop>.dcm
+    out["instance"] = [Path(f).stem if k == "dicom" else "" for f, k in zip(rows["file"], rows["kind"])]
+    return out
+
+
+def _decode_block(bundle, block: list[tuple[int, list[str], str]]) -> list[tuple[int, np.ndarray | None, str]]:
+    """Decode one batch's files (in a worker thread): (row, sample or None, status)."""
+    out = []
+    for i, paths, kind in block:
+        try:
+            out.append((i, bundle.sample(paths if len(paths) > 1 else paths[0], kind), "ok"))
+        except Exception as e:  # named in the table by its pseudonymous file, never stopping the cohort
+            out.append((i, None, f"not decoded: {reason(e, Path(paths[len(paths) // 2]))}"))
+    return out
+
+
+def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2) -> pd.DataFrame:
+    """The predictions table of an audited dataset (``inputs``: its anonymize manifest, audit and data).
+    ``workers`` threads decode the next batches while the network runs on the current one (pydicom's
+    and PIL's decoders release the GIL): decoding costs as much as the forward pass at 64 px."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    check_audit(inputs.audit)
+    rows = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
+    members = slab_members(_Serial(), rows, Path(inputs.data), int(bundle.pixels.get("slab") or 0))
+    items = [(i, paths, kind) for i, (paths, kind) in enumerate(zip(members, rows["kind"]))]
+    blocks = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+    out: list[dict] = [{} for _ in range(len(rows))]
+    status = ["ok"] * len(rows)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            progress("predict", len(rows), log=log, unit="files") as bar:
+        ahead = [pool.submit(_decode_block, bundle, b) for b in blocks[:max(1, workers)]]
+        for k in range(len(blocks)):
+            decoded = ahead.pop(0).result()
+            if k + len(ahead) + 1 < len(blocks):
+                ahead.append(pool.submit(_decode_block, bundle, blocks[k + len(ahead) + 1]))
+            good = [(i, x) for i, x, st in decoded if x is not None]
+            for i, _, st in decoded:
+                status[i] = st
+                if st != "ok":
+                    log.warning("%s: %s", rows["file"].iloc[i], st)
+            if good:
+                for (i, _), row in zip(good, bundle.predict(np.stack([x for _, x in good]), batch_size)):
+                    out[i] = row
+            bar.update(len(decoded))
+    table = pd.concat([_ids(rows), pd.DataFrame(out, index=rows.index)], axis=1)
+    table["status"] = status
+    return table
+
+
+def summary(table: pd.DataFrame, bundle) -> dict:
+    """What the report shows of a prediction run: counts per predicted class, mean calibrated
+    probabilities, the model and the files not decoded (no identifier, pseudonymous or other)."""
+    ok = table[table["status"] == "ok"]
+    classes = bundle.classes
+    return {"files": int(len(table)), "predicted": int(len(ok)), "not_decoded": int(len(table) - len(ok)),
+            "patients": int(ok["patient"].nunique()) if len(ok) else 0,
+            "per_class": {c: int(n) for c, n in sorted(Counter(ok["predicted"]).items())} if len(ok) else {},
+            "mean_calibrated": {c: float(ok[f"pcal_{c}"].mean()) for c in classes} if len(ok) else {},
+            "model": bundle.describe()}
+
+
+def predict(inputs: Inputs, bundle, predictions: Path, summary_path: Path, *, batch_size: int = 64,
+            workers: int = 2) -> dict:
+    """The stage: write ``predictions`` (CSV) and ``summary_path`` (JSON); returns the summary."""
+    table = run(inputs, bundle, batch_size=batch_size, workers=workers)
+    Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(predictions, table.to_csv(index=False))
+    s = summary(table, bundle)
+    atomic_write_text(summary_path, json.dumps(s, indent=2))
+    return s
