@@ -27,6 +27,8 @@ from __future__ import annotations
 import csv
 import heapq
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -166,6 +168,8 @@ class _Run:
         self.quarantine: list[dict] = []
         self.produced: dict[str, int] = {}  # output -> input index
         self.uid_cache: dict[str, str] = {}
+        self.folders: dict[Path, Path] = {}  # source folder -> resolved
+        self.written: set[Path] = set()  # output folders written to
 
     def add(self, index: int, row: dict) -> None:
         """De-identify the input of row ``index``, or quarantine it (one file never stops the run)."""
@@ -200,9 +204,10 @@ class _Run:
     def _output(self, row: dict, kind: str) -> _Output:
         rel_in = row.get("path", "")
         src = self.source / rel_in
-        if not rel_in or not _is_inside(src, self.root):
+        inside, is_file = self._locate(src) if rel_in else (False, False)
+        if not inside:
             raise AnonymizeError("path outside the source folder")
-        if not src.is_file():
+        if not is_file:
             raise AnonymizeError("input file not found")
         if kind == "dicom":
             return self._dicom(src, row)
@@ -215,18 +220,34 @@ class _Run:
             return _Output(rel, changed, "", "", "")
         raise AnonymizeError(f"unknown kind {kind[:16]!r}")
 
+    def _locate(self, src: Path) -> tuple[bool, bool]:
+        """(whether ``src``, links resolved, lies in the source; whether it is a file), with one
+        ``lstat`` for a plain file in a folder seen before (its folder resolved once per run)."""
+        try:
+            st = os.lstat(src)
+        except OSError:
+            st = None
+        if st is None or stat.S_ISLNK(st.st_mode) or src.name in ("", ".", ".."):
+            return _is_inside(src, self.root), src.is_file()
+        parent = self.folders.get(src.parent)
+        if parent is None:
+            parent = self.folders[src.parent] = src.parent.resolve()
+        return parent.is_relative_to(self.root), stat.S_ISREG(st.st_mode)
+
     def _dicom(self, src: Path, row: dict) -> _Output:
         ds, rel, changed, meta = deidentify_dicom(src, row, self.key, self.opts, self.uid_cache, self.actions)
         if rel in self.produced:
             raise AnonymizeError(f"duplicate SOPInstanceUID (same output as input {self.produced[rel]})")
         target = self.data / rel
-        created = [p for p in (target.parent.parent, target.parent) if not p.exists()]
+        known = target.parent in self.written
+        created = [] if known else [p for p in (target.parent.parent, target.parent) if not p.exists()]
         try:
-            write_dicom(ds, target, meta)
+            write_dicom(ds, target, meta, folder_exists=known)
         except BaseException:
             for p in reversed(created):
                 _rmdir_quiet(p)
             raise
+        self.written.add(target.parent)
         # the new UIDs as written in the file (= keys.uid of the originals)
         return _Output(rel, changed, dicomraw.text(ds, 0x0020000D), dicomraw.text(ds, 0x0020000E),
                        row.get("modality", ""))

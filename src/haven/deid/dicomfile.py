@@ -1,4 +1,5 @@
-"""One DICOM file de-identified: read, checked whole, pixels cleaned where they may carry text
+"""One DICOM file de-identified: read (a plain file from its bytes, :mod:`haven.deid.rawdataset`,
+into the data set ``pydicom.dcmread`` gives; any other by ``dcmread``), checked whole, pixels cleaned where they may carry text
 (:mod:`haven.deid.redact`), the header cleaned (:mod:`haven.deid.header`) and stamped with the
 pseudonym and the method codes; the caller writes it (:func:`haven.deid.writer.write_dicom`)."""
 
@@ -77,14 +78,29 @@ def _check_complete(ds) -> None:
 
 
 
+def _parsed(src: Path):
+    """``dcmread(src, force=True)`` built from the byte-level parse (:mod:`haven.deid.rawdataset`) for
+    a plain file; None for any other (and for one pydicom would warn about)."""
+    from haven.deid.rawdataset import dataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning while building: leave the file to pydicom
+            return dataset(src.read_bytes(), str(src))
+    except Exception:
+        return None
+
+
 def _read(src: Path):
     """The data set of ``src``, or AnonymizeError when it is not a whole DICOM image file."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(src, force=True)
-    except Exception as e:
-        raise AnonymizeError(f"DICOM read failed ({type(e).__name__})") from None
+    ds, caught = _parsed(src), []
+    if ds is None:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(src, force=True)
+        except Exception as e:
+            raise AnonymizeError(f"DICOM read failed ({type(e).__name__})") from None
     if not isinstance(ds, Dataset) or len(ds) == 0:
         raise AnonymizeError("not a DICOM data set")
     if any("end of file" in str(w.message).lower() for w in caught):

@@ -46,7 +46,8 @@ from haven.deid.profile import CATEGORY_KEYWORDS
 STANDARD_UID_ROOT = "1.2.840.10008."
 MIN_CHARS = 3  # identifiers shorter than this are ignored (a single character matches anything)
 LONG_CHARS = 6  # from this length on, identifiers are matched as substrings
-MAX_TRIE_CHARS = 400  # longer identifiers (rare) are checked one by one
+MAX_TRIE_CHARS = 400
+MEMO_CHARS, MEMO_ENTRIES = 256, 200_000  # match results kept for texts this short, this many  # longer identifiers (rare) are checked one by one
 NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "OF",
                          "OD", "OL", "OV", "OW"})
 MAX_BINARY = 1 << 16  # binary values larger than this (pixel-like payloads) are not decoded
@@ -148,6 +149,7 @@ class Identifiers:
         self.not_category: set[str] = set()  # values some entry gives another kind (or no patient)
         self.shifts = shifts or {}
         self.count = 0
+        self._memo: dict[tuple, frozenset[str]] = {}
         self.skipped = 0
         for patient, kind, value in entries:
             self._add(patient or "", kind or "identifier", value)
@@ -228,9 +230,21 @@ class Identifiers:
     def match(self, text: str, vr: str | None = None, patient: str | None = None,
               public: bool = False) -> set[str]:
         """The kinds of every identifier found in ``text`` (empty set: clean).  ``vr``: the VR of
-        the element the text comes from; ``public``: it is a public (even group) element."""
+        the element the text comes from; ``public``: it is a public (even group) element.
+        Memoised for short texts: the same values recur in file after file."""
         if not text:
             return set()
+        if len(text) > MEMO_CHARS:
+            return self._match(text, vr, patient, public)
+        key = (text, vr, patient, public)
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            found = self._memo[key] = frozenset(self._match(text, vr, patient, public))
+        return set(found)
+
+    def _match(self, text: str, vr: str | None, patient: str | None, public: bool) -> set[str]:
         cf = text.casefold()
         kinds: set[str] = set()
         whole = cf.strip()

@@ -7,11 +7,16 @@ A finding names the file, the place (``RequestAttributesSequence[0].PatientName`
 ``file name``, ``manifest.csv:label``, ``JPEG APP1 segment``) and the kind of identifier; the
 texts it was made from travel with it as ``values`` only as far as the audit (its accept list
 checks their keyed hashes, ``haven audit --review`` shows them) and never into its result.
+
+A plain DICOM file (one :mod:`haven.deid.rawread` parses) is walked from its bytes
+(:mod:`haven.deid.rawscan`: the places and texts of the pydicom walk, :func:`_walk_dicom`, without
+building pydicom's elements); any other, and any whose pixel text must be read, through pydicom.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import zlib
@@ -91,9 +96,15 @@ class PixelText:
     def __init__(self, modalities: Iterable[str] | None = None, enabled: bool = True):
         self.modalities = {m.upper() for m in (modalities if modalities is not None
                                                  else section_defaults("anonymize", "pixels")["modalities"])}
-        self.enabled = enabled and redact.ocr_available()
+        self.wanted = enabled
         self.read = 0
         self.not_read = 0
+
+    @functools.cached_property
+    def enabled(self) -> bool:
+        """Whether OCR is on and an engine is installed (asked when a file first needs it: finding
+        the engine imports pandas, which is most of a small audit's time)."""
+        return self.wanted and redact.ocr_available()
 
     def applies(self, ds) -> bool:
         return redact.may_carry_text(ds, self.modalities)
@@ -118,6 +129,56 @@ class PixelText:
 
 def _scan_dicom(path: Path, ids: Identifiers, patient: str | None,
                 pixels: PixelText | None = None) -> Iterator[tuple[str, str]]:
+    """(where, kind, text) of every identifier in a DICOM file: from its byte-level parse
+    (:mod:`haven.deid.rawscan`) when it is a plain one and has no pixel text to read, else through
+    pydicom (the same places and texts either way)."""
+    hits = _scan_parsed(path, ids, patient, pixels)
+    if hits is not None:
+        yield from hits
+        return
+    yield from _scan_pydicom(path, ids, patient, pixels)
+
+
+def _scan_parsed(path: Path, ids: Identifiers, patient: str | None, pixels: PixelText | None) -> list | None:
+    """The hits of :func:`_scan_dicom` from the byte-level parse; None: read the file with pydicom."""
+    import warnings
+
+    from haven.deid import rawread, rawscan
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = rawread.parse(path.read_bytes())
+            if pixels is not None and _may_carry_text(parsed, pixels.modalities):
+                return None  # the pixel text is read from pydicom's data set
+            hits = []
+            if parsed.preamble.strip(b"\x00"):
+                text = parsed.preamble.decode("latin-1")
+                hits += [("preamble", kind, text) for kind in ids.match(text, "UN", patient)]
+            for where, vr, text, public in rawscan.walk(parsed):
+                hits += [(where, kind, text) for kind in ids.match(text, vr, patient, public)]
+            return hits
+    except Exception:  # Unusual, or anything unforeseen: pydicom's read decides
+        return None
+
+
+def _may_carry_text(parsed, modalities) -> bool:
+    """:func:`haven.deid.redact.may_carry_text` of the parsed top level."""
+    top = {e[0]: e for e in parsed.body}
+    if 0x7FE00010 not in top:
+        return False
+
+    def value(tag: int) -> str:
+        e = top.get(tag)
+        if e is None or not isinstance(e[3], bytes):
+            return ""
+        return e[3].decode("latin-1").rstrip(" \x00").strip().upper()
+
+    return value(0x00280301) == "YES" or value(0x00080060) in modalities
+
+
+def _scan_pydicom(path: Path, ids: Identifiers, patient: str | None,
+                  pixels: PixelText | None = None) -> Iterator[tuple[str, str]]:
     import warnings
 
     import pydicom

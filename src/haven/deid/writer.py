@@ -76,14 +76,15 @@ def fix_encoding(ds, transfer_syntax: str) -> None:
         ds[0x7FE00010].VR = "OB"
 
 
-def write_dicom(ds, target: Path, meta: Meta) -> None:
+def write_dicom(ds, target: Path, meta: Meta, folder_exists: bool = False) -> None:
+    """Write ``ds`` to ``target`` atomically (``folder_exists``: its folder is known to exist)."""
     try:
         fix_encoding(ds, meta.transfer_syntax)
     except Exception as e:
         raise AnonymizeError(f"DICOM encoding could not be fixed ({type(e).__name__})") from None
-    tmp = _tmp_path(target)
+    fd, tmp = _tmp_file(target, folder_exists)
     try:
-        _save(ds, tmp, meta)
+        _save(ds, os.fdopen(fd, "wb"), tmp, meta)
         os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -95,14 +96,15 @@ def write_dicom(ds, target: Path, meta: Meta) -> None:
 IMPLEMENTATION_NAME = "PYDICOM " + ".".join(pydicom.__version__.split(".")[:3])
 
 
-def _save(ds, path: str, meta: Meta) -> None:
-    """Write ``ds`` as a DICOM file: raw elements as their original bytes (:mod:`haven.deid.dicomraw`),
-    through pydicom's writer when the data set needs it (big endian, deflate, another encoding)."""
+def _save(ds, fp, path: str, meta: Meta) -> None:
+    """Write ``ds`` as a DICOM file to ``fp`` (the open file ``path``, closed here): raw elements as
+    their original bytes (:mod:`haven.deid.dicomraw`), through pydicom's writer (to ``path``) when the
+    data set needs it (big endian, deflate, another encoding)."""
     ts = pydicom.uid.UID(meta.transfer_syntax)
     try:
-        header = dicomraw.file_meta(meta.sop_class, meta.sop_instance, meta.transfer_syntax,
-                                    PYDICOM_IMPLEMENTATION_UID, IMPLEMENTATION_NAME)
-        with open(path, "wb") as fp:
+        with fp:
+            header = dicomraw.file_meta(meta.sop_class, meta.sop_instance, meta.transfer_syntax,
+                                        PYDICOM_IMPLEMENTATION_UID, IMPLEMENTATION_NAME)
             dicomraw.write_file(fp, ds, header, ts)
         return
     except dicomraw.Unsupported:
@@ -119,9 +121,15 @@ def _save(ds, path: str, meta: Meta) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def _tmp_file(target: Path, folder_exists: bool = False) -> tuple[int, str]:
+    """A new temporary file beside ``target``, open: (descriptor, path)."""
+    if not folder_exists:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=target.parent, prefix=TMP_PREFIX, suffix=".part")
+
+
 def _tmp_path(target: Path) -> str:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TMP_PREFIX, suffix=".part")
+    fd, tmp = _tmp_file(target)
     os.close(fd)
     return tmp
 

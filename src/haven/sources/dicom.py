@@ -1,9 +1,13 @@
 """DICOM: Part 10 files (with the 128-byte preamble) and bare datasets, read by pydicom.
 
-Ingest reads every header of a cohort, so the common case is fast: a file in native little-endian
-transfer syntax gets its File Meta Information parsed here (:func:`_read_native`, as pydicom reads
-it), its values decoded from the raw bytes (:mod:`haven.sources.dicomheader`), and its pixel data
-checked by length instead of decoded.  Everything else goes through ``pydicom.dcmread``.
+Ingest reads every header of a cohort, so the common case is fast: a plain Part 10 file (little
+endian, not deflated, well formed: :mod:`haven.deid.rawread`) is parsed from its bytes in one pass
+and its manifest fields, identifiers and pixel checks come from that parse (:func:`_parsed_header`:
+the same row and identifiers as the pydicom path, tests/test_fastheader.py compares them on real
+corpora).  Any other file, and any file to quarantine, is read by pydicom: a native little-endian
+one with its File Meta Information parsed here (:func:`_read_native`, as pydicom reads it), its
+values decoded from the raw bytes (:mod:`haven.sources.dicomheader`) and its pixel data checked by
+length instead of decoded; everything else through ``pydicom.dcmread``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import NamedTuple
 import numpy as np
 
 from haven.sources.base import BY_CONTENT, GUESS, NO, NotMine, Quarantine, Reader, reason
-from haven.sources.dicomheader import age_years, codec_of, identifiers, text, uint
+from haven.deid.rawread import Unusual, parse
+from haven.sources.dicomheader import age_years, codec_of, identifiers, parsed_identifiers, text, uint
 from haven.sources.dicompixels import CODECS as _CODEC, check_encapsulated as _check_encapsulated
 
 def _looks_like_bare_dicom(head: bytes) -> bool:
@@ -202,6 +207,8 @@ def _decode_one_frame(ds, path: Path) -> None:
     frame, raw (no colour conversion): enough to know that the decoder takes the data."""
     from pydicom.pixels import pixel_array
 
+    if getattr(ds, "shim", False):
+        raise Unusual("pixel data checked by decoding")
     try:
         pixel_array(ds, index=0, raw=True)
     except Exception as e:
@@ -237,26 +244,15 @@ class DicomReader(Reader):
 
     def header(self, path: Path, rel: str, fh, head: bytes, *, check_pixels: bool):
         fh.seek(0)  # read from the open file: one open per file
-        ds = _read_dicom(fh, len(head) == 132 and head[128:132] == b"DICM", check_pixels, path)
+        part10 = len(head) == 132 and head[128:132] == b"DICM"
+        if part10:
+            try:
+                return _parsed_header(fh.read(), path, rel, check_pixels)
+            except Exception:  # Unusual, or anything unforeseen: pydicom's read decides
+                fh.seek(0)
+        ds = _read_dicom(fh, part10, check_pixels, path)
         cs = codec_of(ds)
-
-        def value(kw):
-            return text(ds, kw, cs)
-
-        row = {
-            "patient_id": value("PatientID") or value("StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
-            "study_uid": value("StudyInstanceUID"),
-            "series_uid": value("SeriesInstanceUID"),
-            "sop_uid": value("SOPInstanceUID"),
-            "accession": value("AccessionNumber"),
-            "modality": value("Modality"),
-            "sex": value("PatientSex").upper(),
-            "age": age_years(ds, cs),
-            "site": value("InstitutionName"),
-            "rows": uint(ds, "Rows"),
-            "cols": uint(ds, "Columns"),
-        }
-        return row, list(identifiers(ds, codec=cs))
+        return _row(ds, cs, rel), list(identifiers(ds, codec=cs))
 
     def pixels(self, path: Path, mode: str, windows: list[dict]) -> np.ndarray:
         return decode_dicom(path, mode, windows)
@@ -278,6 +274,88 @@ class DicomReader(Reader):
 
     def quiet(self):
         return _quiet_pydicom()
+
+
+class _ParsedSet:
+    """The top level of a :func:`haven.deid.rawread.parse` as the few parts of a pydicom data set that
+    :mod:`haven.sources.dicomheader` and the pixel checks read (raw elements, the transfer
+    syntax); anything that would need pydicom raises :class:`Unusual`."""
+
+    shim = True
+    is_little_endian = True
+
+    def __init__(self, parsed):
+        self._dict = _RawElements((e[0], e) for e in parsed.body)
+        self._dict.implicit = parsed.implicit
+        self.file_meta = {"TransferSyntaxUID": parsed.transfer_syntax}
+
+    def get_item(self, tag: int):
+        return self._dict.get(tag)
+
+    def get(self, *_):
+        raise Unusual("a value pydicom would convert")
+
+
+class _RawElements(dict):
+    """tag -> parsed element, given as a pydicom ``RawDataElement`` when asked for (few are)."""
+
+    implicit = False
+
+    def get(self, tag, default=None):
+        from pydicom.dataelem import RawDataElement
+        from pydicom.tag import BaseTag
+
+        e = super().get(tag)
+        if e is None:
+            return default
+        tag, vr, length, value, at = e
+        return RawDataElement(BaseTag(tag), vr, length, None if isinstance(value, list) else value, at,
+                              self.implicit, True)
+
+    def __getitem__(self, tag):
+        if tag not in self:
+            raise KeyError(tag)
+        return self.get(tag)
+
+
+def _parsed_header(data: bytes, path: Path, rel: str, check_pixels: bool):
+    """:meth:`DicomReader.header` of a plain Part 10 file from its bytes (:mod:`haven.deid.rawread`),
+    the same row and identifiers as through pydicom; :class:`Unusual` for anything else, and for a
+    file to quarantine (pydicom's read then words the reason)."""
+    parsed = parse(data)
+    ds = _ParsedSet(parsed)
+    if 0x7FE00010 not in ds._dict or not uint(ds, "Rows") or not uint(ds, "Columns"):
+        raise Unusual("no image")
+    cs = codec_of(ds)
+    if cs is None:
+        raise Unusual("a character set pydicom decodes")
+    if check_pixels:
+        try:
+            _check_pixels(ds, path)
+        except Quarantine:
+            raise Unusual("quarantined") from None
+    return _row(ds, cs, rel), list(parsed_identifiers(parsed.body, cs))
+
+
+def _row(ds, cs: str | None, rel: str) -> dict:
+    """The manifest fields of a DICOM data set."""
+
+    def value(kw):
+        return text(ds, kw, cs)
+
+    return {
+        "patient_id": value("PatientID") or value("StudyInstanceUID") or str(PurePosixPath(rel).with_suffix("")),
+        "study_uid": value("StudyInstanceUID"),
+        "series_uid": value("SeriesInstanceUID"),
+        "sop_uid": value("SOPInstanceUID"),
+        "accession": value("AccessionNumber"),
+        "modality": value("Modality"),
+        "sex": value("PatientSex").upper(),
+        "age": age_years(ds, cs),
+        "site": value("InstitutionName"),
+        "rows": uint(ds, "Rows"),
+        "cols": uint(ds, "Columns"),
+    }
 
 
 def decode_dicom(path: Path, mode: str, windows: list[dict]) -> np.ndarray:

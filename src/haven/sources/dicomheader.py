@@ -4,6 +4,7 @@ and every identifying value (for the audit), without building pydicom's value ob
 Raw values are decoded here directly when the character set is a single-byte Latin one or UTF-8
 (what nearly every file declares): the same strings pydicom would give; any other case goes
 through pydicom.  Ingest reads every header of a cohort, so this is its hot path.
+:func:`parsed_identifiers` walks the byte-level parse of :mod:`haven.deid.rawread` the same way.
 """
 
 from __future__ import annotations
@@ -240,14 +241,72 @@ def identifiers(ds, prefix: str = "", codec: str | None = "latin-1"):
                 if not _identifying(elem):
                     continue
                 values, is_uid, private = _strings(elem), elem.VR == "UI", elem.tag.is_private
-            for value in values:
-                value = value.strip().strip("\x00").strip()
-                if len(value) < MIN_VALUE_CHARS:
-                    continue
-                if is_uid and value.startswith(STANDARD_UID_ROOT):
-                    continue
-                if private and _DECIMAL.match(value):
-                    continue  # vendor measurements (1.016600): numbers, not identifiers
-                yield name, value[:MAX_VALUE_CHARS]
+            yield from _kept(name, values, is_uid, private)
         except Exception:  # an unparsable element: skip it, keep walking
             continue
+
+
+def _kept(name: str, values: list[str], is_uid: bool, private: bool):
+    """(name, value) of the values worth searching for."""
+    for value in values:
+        value = value.strip().strip("\x00").strip()
+        if len(value) < MIN_VALUE_CHARS:
+            continue
+        if is_uid and value.startswith(STANDARD_UID_ROOT):
+            continue
+        if private and _DECIMAL.match(value):
+            continue  # vendor measurements (1.016600): numbers, not identifiers
+        yield name, value[:MAX_VALUE_CHARS]
+
+
+def parsed_identifiers(elements: list, codec: str, prefix: str = ""):
+    """:func:`identifiers` over the elements of :func:`haven.deid.rawread.parse`: the same (tag
+    path, value) pairs in the same order, decoded as :func:`identifiers` decodes raw elements;
+    :class:`~haven.deid.rawread.Unusual` where it would convert an element through pydicom (but
+    for private UN elements, whose conversion is done here as pydicom does it)."""
+    from pydicom.datadict import DicomDictionary
+
+    from haven.deid.rawread import Unusual, keyword, private_vr
+
+    for tag, vr, _, value, _ in elements:
+        group = tag >> 16
+        if group == 0x0002 or group == 0x7FE0 or not _may_identify(tag, vr):
+            continue
+        private = bool(group & 1)
+        entry = None if private else DicomDictionary.get(tag)
+        vr = vr if vr not in (None, "UN") or entry is None else entry[0]
+        if isinstance(value, list):  # a sequence
+            kw = "" if private else keyword(tag)
+            name = prefix + (kw or f"({group:04X},{tag & 0xFFFF:04X})")
+            for i, item in enumerate(value):
+                yield from parsed_identifiers(item, codec, f"{name}[{i}].")
+            continue
+        if vr == "SQ":
+            raise Unusual("a sequence pydicom would convert from another VR")
+        name = prefix + (f"({group:04X},{tag & 0xFFFF:04X})" if private else entry[4] if entry else "")
+        if value is None:
+            continue  # pydicom's empty value: no strings
+        if (entry is not None or private) and vr in STRING_VRS:
+            try:
+                text = value.decode(codec).rstrip("\x00 ")
+            except UnicodeDecodeError:
+                raise Unusual("a value not in the character set") from None
+            values = [] if not text else [text] if vr in _SINGLE_VALUED else text.split("\\")
+            yield from _kept(name, values, vr == "UI", private)
+        elif private and vr == "UN" and private_vr(elements, tag, codec) == "UN":
+            yield from _kept(name, _un_strings(value), False, True)
+        else:
+            raise Unusual("an element pydicom would convert")
+
+
+def _un_strings(v: bytes) -> list[str]:
+    """:func:`_strings` of a UN value."""
+    if len(v) > 4096:
+        return []
+    try:
+        text = v.rstrip(b"\x00 ").decode("utf-8")
+    except UnicodeDecodeError:
+        text = v.rstrip(b"\x00 ").decode("latin-1")
+    if not text or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return []
+    return text.split("\\")
