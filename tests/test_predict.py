@@ -287,3 +287,20 @@ def test_report_shows_the_predictions_the_decision_and_tta(evaluated, run, tmp_p
     bad = ReportInputs(**{**inputs.__dict__, "predict": {"new": tmp_path / "missing" / "summary.json"}})
     with pytest.raises(FileNotFoundError, match="missing/summary.json is missing: run the predict stage"):
         project_report(bad, outputs, s)
+
+
+def test_haven_predict_by_hand_on_an_export_with_patient_folders_passes_the_audit(run):
+    """An export laid out by patient and study (the brain-ct-new demo: <patient id>/<date>_<accession>/)
+    is unlabeled data: its folder names are no labels, so they are not carried past the gate (they
+    were, and the audit failed on them)."""
+    from haven.demonew import make_brain_ct_new
+
+    src = run["tmp"] / "new-patients"
+    make_brain_ct_new(src, n_patients=3, slices=2)
+    dst = run["tmp"] / "by-hand-new"
+    rc = main(["predict", str(src / "dicom"), str(dst), "--model", str(run["model_pt"]), "--evaluation",
+               str(run["metrics"]), "--key-file", str(run["key_file"]), "--work", str(run["tmp"] / "phi3")])
+    assert rc == 0
+    table = pd.read_csv(dst / "predictions.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 6 and (table["status"] == "ok").all()
+    assert json.loads((dst / "deid" / "audit.json").read_text())["passed"]

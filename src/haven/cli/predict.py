@@ -54,7 +54,7 @@ def _by_hand(args, s: dict, bundle) -> int:
     dst = Path(args.dst)
     options = cfg.stage_settings(cfg.load(args.config), args.project, "anonymize")["anonymize"] if args.config else {}
     gate = deidentify(Path(args.src), dst / "deid", _key(args), options=options,
-                      work=Path(args.work) if args.work else None)
+                      work=Path(args.work) if args.work else None, label_folders=False)
     if not gate["audit_passed"]:
         print(f"audit FAILED ({gate['findings']} finding(s), see {gate['audit']}): nothing predicted")
         return 1

@@ -59,8 +59,10 @@ def _private(folder: Path) -> Path:
 
 
 def deidentify(src: Path, dst: Path, key: bytes, *, options: dict | None = None, work: Path | None = None,
-               check_pixels: bool = True) -> dict:
+               check_pixels: bool = True, label_folders: bool = True) -> dict:
     """Ingest ``src``, de-identify it into ``dst`` and audit the result (see the module docstring).
+    ``label_folders=False``: unlabeled data (new patients to predict), no label taken from folder
+    names, which in an export often name patients or studies.
 
     ``options``: the ``anonymize`` section (or a part of it; the schema gives the rest).
     Returns the summary, identifier-free: ``files``, ``deidentified``, ``quarantined`` (at ingest
@@ -73,7 +75,7 @@ def deidentify(src: Path, dst: Path, key: bytes, *, options: dict | None = None,
     opts = anonymize_options(options)
     started = time.monotonic()
     tables = Tables.in_folder(_private(phi))
-    got = ingest(src, tables, check_pixels=check_pixels, labels_required=False)
+    got = ingest(src, tables, check_pixels=check_pixels, labels_required=False, label_folders=label_folders)
     dst.mkdir(parents=True, exist_ok=True)
     out = {"data": dst / "data", "manifest": dst / "manifest.csv", "log": dst / "anonymization.log.csv",
            "quarantine": dst / "quarantine.csv"}
