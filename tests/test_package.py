@@ -157,6 +157,11 @@ def test_pyfunc_package_carries_signature_example_and_metadata(registered):
     example = mlflow.models.Model.load(info.model_uri).load_input_example(
         mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(registered["dir"] / "dl")))
     assert base64.b64decode(example["data"][0])[:8] == b"\x89PNG\r\n\x1a\n"  # a real PNG
+    # haven's code travels with it, less the demo generators (their fictional names and ids would be
+    # identifiers in the tracking store: the pipeline's leak check found them there)
+    code = registered["dir"] / "dl" / "code" / "haven"
+    assert (code / "predict" / "bundle.py").is_file()
+    assert not (code / "demo.py").exists() and not (code / "demonew.py").exists()
 
 
 def test_pyfunc_rejects_bad_rows_with_the_row_and_reason(registered):
