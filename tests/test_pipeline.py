@@ -122,8 +122,11 @@ def test_no_identifier_or_key_outside_the_phi_zone(demo):
     work, conf = demo
     key_text = (work / conf["key_file"]).read_text().strip()
     everywhere, dates_of = {key_text}, {}
-    for name in conf["projects"]:
-        ids = pd.read_csv(work / "results" / name / "ingest" / "identifiers.csv", dtype=str, keep_default_na=False)
+    tables = [work / "results" / name / "ingest" / "identifiers.csv" for name in conf["projects"]]
+    # the new patients' originals too (each project's predict source, its own PHI zone)
+    tables += [work / "results" / name / "predict" / "new" / "ingest" / "identifiers.csv" for name in conf["projects"]]
+    for table in tables:
+        ids = pd.read_csv(table, dtype=str, keep_default_na=False)
         for patient, value in zip(ids["patient_id"], ids["value"]):
             if re.fullmatch(r"(19|20)\d{6}", value):
                 dates_of.setdefault(pseudonym(key_text.encode(), patient), set()).add(value)
@@ -154,3 +157,22 @@ def test_no_identifier_or_key_outside_the_phi_zone(demo):
         if found:
             leaks.append(f"{rel} holds a value of kind {'key' if found == key_text else 'identifier'}")
     assert not leaks, leaks[:20]
+
+
+def test_new_patients_are_predicted_through_the_gate_and_reported(demo):
+    """Each project's held-back new patients (unlabeled, planted PHI): audited, predicted by the
+    registered champion, joined back to their original ids in the PHI zone, shown on the page."""
+    work, conf = demo
+    for name in conf["projects"]:
+        base = work / "results" / name / "predict" / "new"
+        assert json.loads((base / "anonymize" / "audit.json").read_text())["passed"]
+        table = pd.read_csv(base / "predictions.csv", dtype=str, keep_default_na=False)
+        assert len(table) >= 40 and (table["status"] == "ok").all()
+        summary = json.loads((base / "summary.json").read_text())
+        assert summary["predicted"] == len(table) and summary["model"]["name"] == f"haven-{name}"
+        assert summary["model"]["version"].isdigit()  # the registry's champion, not this run's file
+        joined = pd.read_csv(base / "ingest" / "predictions.reidentified.csv", dtype=str, keep_default_na=False)
+        assert len(joined) == len(table) and joined["patient_id"].str.len().min() > 0
+        assert "Predictions on new data" in (work / "results" / name / "report" / "index.html").read_text()
+    srs = list((work / "results" / "brain-ct" / "predict" / "new" / "ingest" / "sr").glob("*.dcm"))
+    assert len(srs) == 12  # one per new patient's study
