@@ -93,6 +93,12 @@ def pseudonym(key: bytes, value: str, prefix: str = "P", length: int = 12) -> st
     return prefix + digest(key, "pseudonym", value).hex()[:length].upper()
 
 
+def image_stem(key: bytes, rel: str) -> str:
+    """The de-identified name (without suffix) of an image at ``rel`` in its source: anonymize writes
+    it there, and the predictions are joined back to the original through it."""
+    return pseudonym(key, rel, prefix="I", length=16)
+
+
 def uid(key: bytes, original: str) -> str:
     """Map a DICOM UID to a ``2.25.<int>`` UID derived from a keyed UUID (ISO/IEC 9834-8).
 

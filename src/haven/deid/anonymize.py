@@ -213,7 +213,7 @@ class _Run:
             return self._dicom(src, row)
         if kind == "image":
             data, suffix, changed = clean_image(src)
-            rel = keys.pseudonym(self.key, rel_in, prefix="I", length=16) + suffix
+            rel = keys.image_stem(self.key, rel_in) + suffix
             if rel in self.produced:
                 raise AnonymizeError(f"duplicate input (same output as input {self.produced[rel]})")
             write_bytes(data, self.data / rel)

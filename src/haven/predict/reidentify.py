@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # the originals a clinician needs to find the study in the PACS, then every column of predictions.csv
 ORIGINAL_COLUMNS = ["path", "patient_id", "accession", "study_uid", "series_uid", "sop_uid"]
-IMAGE_PREFIX, IMAGE_LENGTH = "I", 16  # anonymize names an image I<keyed hash of its path, 16 hex>
 
 
 def keyed_instance(key: bytes, row: dict, retain_uids: bool = False) -> str:
@@ -41,7 +40,7 @@ def keyed_instance(key: bytes, row: dict, retain_uids: bool = False) -> str:
         if not sop:
             return ""
         return sop if retain_uids or sop.startswith(STANDARD_UID_ROOT) else keys.uid(key, sop)
-    return keys.pseudonym(key, row.get("path", ""), prefix=IMAGE_PREFIX, length=IMAGE_LENGTH)
+    return keys.image_stem(key, row.get("path", ""))
 
 
 def _index(ingest_manifest: Path, key: bytes, retain_uids: bool) -> tuple[dict, set]:
