@@ -214,3 +214,15 @@ def test_images_join_through_the_keyed_name_of_their_path(tmp_path):
         anonymized = Image.open(tmp_path / "out" / "data" / by_path[f.name]["file"])
         assert np.array_equal(np.asarray(anonymized), np.asarray(Image.open(f)))
         assert by_path[f.name]["patient_id"] == f.stem
+
+
+def test_a_rerun_writes_the_same_report_uids(run, tmp_path):
+    """The SR's UIDs derive from the study and the model only (they were random: pydicom's
+    generate_uid ignores its entropy sources without a prefix), so a PACS receiving a re-run's
+    reports replaces them instead of filing duplicates."""
+    params = json.dumps({"key_file": str(run["key_file"]), "key_env": None, "demo_key": False})
+    assert main(["report-sr", "--reidentified", str(run["reidentified"]), "--source", str(run["src"]),
+                 "--out", str(tmp_path / "again"), "--params", params]) == 0
+    first = {r["study_uid"]: r["sr_sop_uid"] for r in read_rows(run["sr"] / "index.csv")}
+    again = {r["study_uid"]: r["sr_sop_uid"] for r in read_rows(tmp_path / "again" / "index.csv")}
+    assert first == again and all(uid.startswith("2.25.") and len(uid) <= 64 for uid in first.values())

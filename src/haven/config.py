@@ -129,9 +129,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "preprocess": ("task", "preprocess"),
     "tune": ("task", "model", "train", "tune"),
     "train": ("task", "model", "train"),
+    "folds": ("cv",),
+    "ensemble": ("task", "cv"),
     "evaluate": ("task", "evaluate", "tta"),
     "predict": ("task", "predict", "tta"),
-    "reidentify": ("predict", "anonymize"),
+    "reidentify": ("task", "predict", "anonymize"),  # task: what a DICOM SR states (haven report-sr)
     "report": ("task", "model", "train", "tune"),
     "register": ("model",),
 }
@@ -152,6 +154,8 @@ def stage_settings(config: dict, name: str, stage: str) -> dict:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGE_SECTIONS)})")
     proj = project(config, name)
     s = {k: copy.deepcopy(proj[k]) for k in STAGE_SECTIONS[stage]}
+    if "task" in s:  # the task's own section (`multilabel:`, `ordinal:`; none for classification)
+        s["task_options"] = copy.deepcopy(proj.get(s["task"], {}))
     s["config_hash"] = digest(s)
     s.update(project=name, seed=config["seed"], results=config["results"], tracking_uri=config["tracking_uri"],
              experiment=experiment_name(config, name))
@@ -185,6 +189,11 @@ def trained_projects(config: dict) -> list[str]:
     """The projects whose DAG goes on to training (``until: report``); the others stop at the audit
     (de-identification only) and have no model to compare or register."""
     return [p for p, settings in config["projects"].items() if settings["until"] != "audit"]
+
+
+def cv_folds(settings: dict) -> int:
+    """A project's cross-validation folds (0: none, one model trained on the train split)."""
+    return int(settings.get("cv", {}).get("folds", 0))
 
 
 def compare_settings(config: dict) -> dict:

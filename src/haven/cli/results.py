@@ -28,8 +28,12 @@ def cmd_reidentify(args) -> int:
 def cmd_report_sr(args) -> int:
     from haven.predict.sr import store, write_reports
 
+    from haven.learn.tasks import get_task
+
     s = settings(args, "reidentify")
-    counts = write_reports(Path(args.reidentified), Path(args.source), Path(args.out))
+    # a multi-label model's report states every finding; the others', the predicted class
+    every = get_task(s.get("task", "classification"), s.get("task_options")).reports_every_class
+    counts = write_reports(Path(args.reidentified), Path(args.source), Path(args.out), every_class=every)
     if s["predict"].get("store_sr") and args.store_url:
         if not args.pacs:
             raise ValueError("haven report-sr --store-url needs --pacs JSON (the source's pacs settings: login)")

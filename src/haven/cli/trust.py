@@ -33,8 +33,11 @@ def cmd_evaluate(args) -> int:
                       explain_maps=args.explain_maps, plots=dict(args.plot))
     run = json.loads(Path(args.run).read_text()).get("mlflow_run_id") if args.run else None
     metrics = evaluate(args.model, args.test, args.val, outputs, settings=s["evaluate"], task=s["task"],
-                       tracking=tracking(s, train_run_id=run), seed=s["seed"], tta=s.get("tta"))
-    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "roc_auc")}))
+                       tracking=tracking(s, train_run_id=run), seed=s["seed"], tta=s.get("tta"),
+                       task_options=s.get("task_options"))
+    # the headline figures each task has (classification's; multilabel's macro AUC; ordinal's kappa)
+    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "roc_auc", "macro_roc_auc", "qwk")
+                      if k in metrics}))
     return 0
 
 

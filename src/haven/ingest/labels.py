@@ -19,8 +19,10 @@ from haven.sources.base import Quarantine
 LABEL_KEYS = ("accession", "patient_id", "path")
 
 
-def load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple[dict, dict, str]:
-    """Read the label table: ({key: label}, {key: patient}, key field).  Raises ValueError."""
+def load_labels(labels: Path, label_key: str | None, label_column: str | list[str]) -> tuple[dict, dict, str]:
+    """Read the label table: ({key: label}, {key: patient}, key field).  ``label_column``: one
+    column, or a list of 0/1 columns (one per finding: the label is then ``name=0/1;...`` in the
+    list's order, see :func:`finding_labels`).  Raises ValueError."""
     import pandas as pd
 
     labels = Path(labels)
@@ -45,7 +47,8 @@ def load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple
             f"label_key {label_key!r} for {labels} is not a manifest field it can be keyed by: "
             f"use one of {', '.join(LABEL_KEYS)}"
         )
-    for col, what in ((label_key, "label_key"), (label_column, "label_column")):
+    columns = [label_column] if isinstance(label_column, str) else list(label_column)
+    for col, what in ((label_key, "label_key"), *((c, "label_column") for c in columns)):
         if col not in table.columns:
             raise ValueError(
                 f"labels file {labels} has no column {col!r} (it has: {', '.join(table.columns) or 'none'}): "
@@ -54,7 +57,8 @@ def load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple
     keys = table[label_key].astype(str).str.strip()
     if label_key == "path":
         keys = keys.map(norm_rel)
-    values = table[label_column].astype(str).str.strip()
+    values = (table[label_column].astype(str).str.strip() if isinstance(label_column, str)
+              else finding_labels(table, columns, labels))
     patients = table["patient"].astype(str).str.strip() if "patient" in table.columns else None
     out: dict[str, str] = {}
     pat: dict[str, str] = {}
@@ -72,6 +76,27 @@ def load_labels(labels: Path, label_key: str | None, label_column: str) -> tuple
         if patients is not None and patients.iloc[i]:
             pat[k] = patients.iloc[i]
     return out, pat, label_key
+
+
+def finding_labels(table, columns: list[str], labels: Path):
+    """One label per row from several 0/1 columns: ``epidural=0;subdural=1;...`` (names kept, so
+    a label says what it means on its own); '' for a row with every column empty (no label)."""
+    import pandas as pd
+
+    cells = table[columns].astype(str).apply(lambda c: c.str.strip())
+    bad = ~cells.isin(["0", "1", ""])
+    if bad.any().any():
+        row, col = next((r, c) for c in columns for r in cells.index[bad[c]])
+        raise ValueError(f"labels file {labels}, row {row + 2}: column {col!r} holds {cells.at[row, col]!r}; "
+                         f"each finding column of a multi-label table holds 0 or 1")
+    empty = (cells == "").all(axis=1)
+    partial = (cells == "").any(axis=1) & ~empty
+    if partial.any():
+        row = int(cells.index[partial][0])
+        raise ValueError(f"labels file {labels}, row {row + 2}: some finding columns are empty; give every "
+                         f"one of {', '.join(columns)} a 0 or 1 (or leave the whole row unlabelled)")
+    joined = cells.apply(lambda r: ";".join(f"{c}={r[c]}" for c in columns), axis=1)
+    return joined.where(~empty, "") if len(table) else pd.Series([], dtype=str)
 
 
 def norm_rel(p: str) -> str:

@@ -103,12 +103,14 @@ def check_audit(audit_json: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # splitting
-def split_patients(manifest: pd.DataFrame, val: float, test: float, seed: int) -> pd.Series:
-    """Assign every patient to train/val/test, stratified by the patient's label; returns a
-    Series patient → split.  No patient can land in two splits because the unit is the patient."""
+def split_patients(manifest: pd.DataFrame, val: float, test: float, seed: int, strata=None) -> pd.Series:
+    """Assign every patient to train/val/test, stratified by the patient's label (``strata``: the
+    task's stratum of a label, e.g. a multi-label row's summary finding; None: the label itself);
+    returns a Series patient → split.  No patient can land in two splits: the unit is the patient."""
     from sklearn.model_selection import train_test_split
 
-    patients = manifest.groupby("patient")["label"].agg(lambda s: s.mode().iloc[0])
+    labels_of = manifest["label"] if strata is None else strata(manifest["label"])
+    patients = labels_of.groupby(manifest["patient"]).agg(lambda s: s.mode().iloc[0])
     ids, labels = patients.index.to_numpy(), patients.to_numpy()
 
     def _split(ids, labels, frac):
@@ -282,7 +284,7 @@ def _store_batch(images, start: int, paths: list, kinds: list[str], params: dict
 def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str],
                 targets: np.ndarray, progress=None) -> None:
     """One split's Zarr store: the decoded images (written by the workers, chunk by chunk), the
-    task's ``targets`` as ``labels``, and the columns the subgroup analysis reads.  ``progress``:
+    task's ``targets`` as ``labels`` (one row per sample, of any width), and the columns the subgroup analysis reads.  ``progress``:
     a :class:`haven.progress.Progress` told how many samples each finished chunk wrote."""
     import zarr
     from dask.distributed import as_completed
@@ -309,7 +311,7 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
             written = future.result()  # a DecodeError on a worker is raised here
             if progress is not None:
                 progress.update(written)
-    group.create_array("labels", data=targets, chunks=(max(n, 1),))
+    group.create_array("labels", data=targets, chunks=(max(n, 1),) + tuple(targets.shape[1:]))
     for col in ("patient", "sex", "age_band", "site"):
         arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
         if n:
@@ -359,7 +361,7 @@ def require_labels(manifest: pd.DataFrame, path: Path) -> None:
 
 
 def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, seed: int,
-               task: str | None = None) -> dict:
+               task: str | None = None, task_options: dict | None = None) -> dict:
     """Split the audited manifest by patient and write the Zarr store of each split, the split
     table and ``stats.json``.  ``inputs``/``outputs``: :class:`Inputs`/:class:`Outputs`, or the
     anonymize stage's folder and the folder to write ``{train,val,test}.zarr``, ``splits.csv``
@@ -374,7 +376,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
         from haven.config import section_defaults
 
         task = section_defaults("task")
-    task = get_task(task)
+    task = get_task(task, task_options)
     manifest = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
     if manifest.empty:
         raise ValueError(f"{inputs.manifest} lists no files: check the ingest quarantine list")
@@ -382,7 +384,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
     classes = task.classes(manifest["label"])
     if len(classes) < 2:
         raise ValueError(f"{inputs.manifest}: need at least two classes, found {classes}")
-    split = split_patients(manifest, params["split"]["val"], params["split"]["test"], seed)
+    split = split_patients(manifest, params["split"]["val"], params["split"]["test"], seed, task.strata)
     manifest["split"] = manifest["patient"].map(split)
 
     client = _client(params)
@@ -401,7 +403,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
 
     for name in SPLITS:
         zarr.open_group(outputs.store(name), mode="r+").attrs.update({"mean": mean, "std": std})
-    counts = {name: manifest[manifest["split"] == name]["label"].value_counts().sort_index().to_dict() for name in SPLITS}
+    counts = {name: task.counts(manifest[manifest["split"] == name]["label"], classes) for name in SPLITS}
     stats = {
         "classes": classes,
         "channels": channels(params),

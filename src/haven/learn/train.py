@@ -188,10 +188,11 @@ class Result:
     resumed_from: int
 
 
-def _build(backbone: str, model_cfg: dict, task: Task, split: ZarrSplit, dev: torch.device) -> nn.Module:
+def _build(backbone: str, model_cfg: dict, task: Task, split: ZarrSplit, dev: torch.device,
+           hp: dict | None = None) -> nn.Module:
     from haven.learn.models import build_model
 
-    model = build_model(backbone, task.outputs(split.classes), weights=model_cfg["weights"], in_chans=split.channels)
+    model = build_model(backbone, task.outputs(split.classes, hp), weights=model_cfg["weights"], in_chans=split.channels)
     model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -220,7 +221,7 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
 
     train, val = ZarrSplit(train_store), ZarrSplit(val_store)
     dev = ddp.device()
-    model = _build(backbone, model_cfg, task, train, dev)
+    model = _build(backbone, model_cfg, task, train, dev, hp)
     steps_per_epoch = max(1, math.ceil(len(train) / (int(hp["batch_size"]) * world)))  # batch_size is per rank
     opt = build_optimization(model, hp, epochs, steps_per_epoch, dev)
     loss_fn = task.loss(train.labels, train.classes, hp).to(dev)
@@ -301,7 +302,7 @@ def train(files: TrainFiles, model_cfg: dict, train_cfg: dict, *, task: Task, se
     for path in (files.model, files.history, files.run):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     summary_extra = {"world_size": world}
-    ckpt.save_model(result, files.model, backbone, files.train, hp, task.name)
+    ckpt.save_model(result, files.model, backbone, files.train, hp, task.name, task.options)
     ckpt.last_path(files.workdir).unlink(missing_ok=True)  # done: a forced re-run starts afresh
     history = pd.DataFrame(result.history)
     history.to_csv(files.history, index=False)
@@ -325,7 +326,11 @@ def _log_run(tracking: dict, summary: dict, best_key: str, history, files: Train
     tags = trk.lineage_tags("train", tracking["project"], tracking.get("config_hash"), tracking.get("data_hash"))
     if tracking.get("tune_run_id"):
         tags["haven.tune_run_id"] = tracking["tune_run_id"]
-    with trk.session(tracking), mlflow.start_run(run_name=f"{tracking['project']}-train", tags=tags) as run:
+    name = f"{tracking['project']}-train"
+    if tracking.get("fold") is not None:  # one fold of a cross-validation (the ensemble's run becomes its parent)
+        tags["haven.fold"] = str(tracking["fold"])
+        name += f"-fold{tracking['fold']}"
+    with trk.session(tracking), mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params({**{k: v for k, v in summary["hparams"].items()}, "backbone": summary["backbone"]})
         for row in history.to_dict("records"):
             step = int(row["epoch"])

@@ -36,12 +36,13 @@ log = logging.getLogger(__name__)
 
 #: search-space keys: the train hyperparameters a trial may override, plus the backbone
 TUNABLE = ("lr", "backbone_lr_factor", "batch_size", "weight_decay", "unfreeze", "freeze_epochs",
-           "label_smoothing", "warmup_epochs", "augment_strength", "optimizer", "balance", "backbone")
+           "label_smoothing", "warmup_epochs", "augment_strength", "optimizer", "balance", "backbone",
+           "ordinal_method")
 #: tune settings that say where and how fast the search runs, not what it searches
 #: (left out of the search's identity: a search resumes on a bigger or smaller allocation)
 EXECUTION_KEYS = ("cpus", "gpus", "nodes", "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
                   "max_failures", "keep_checkpoints")
-HISTORY_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_loss", "train_loss")
+HISTORY_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_roc_auc", "val_qwk", "val_loss", "train_loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def run_search(train_store: str | Path, val_store: str | Path, stats: str | Path
     cluster = _init_ray(ray_address, cpus or tune_cfg["cpus"])
     log.info("Ray cluster: %s", {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")})
     check_resources(tune_cfg, cluster)
-    metric, mode = tune_cfg["metric"], tune_cfg["mode"]
+    metric, mode = tune_cfg["metric"] or task.val_metric, tune_cfg["mode"]
     cpt, gpt = float(tune_cfg["cpus_per_trial"]), float(tune_cfg["gpus_per_trial"])
     trial_train_cfg = dict(train_cfg, threads=max(1, int(cpt)), epochs=tune_cfg["max_epochs"])
     trainable = tune.with_resources(
@@ -369,7 +370,7 @@ def tune_project(files: TuneFiles, model_cfg: dict, train_cfg: dict, tune_cfg: d
     t0 = time.perf_counter()
     grid, resumed = run_search(files.train, files.val, files.stats, model_cfg, train_cfg, tune_cfg, task=task,
                                seed=seed, storage=files.storage, cpus=cpus, ray_address=ray_address, fresh=fresh)
-    metric, mode = tune_cfg["metric"], tune_cfg["mode"]
+    metric, mode = tune_cfg["metric"] or task.val_metric, tune_cfg["mode"]
     errors = [r.error for r in grid if r.error]
     ok = [r for r in grid if not r.error and r.metrics and metric in r.metrics]
     if not ok:

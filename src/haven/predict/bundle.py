@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 # the keys of metrics.json a bundle carries (what prediction applies, plus what the card shows)
-EVALUATION_KEYS = ("decision", "classes", "n", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc")
+EVALUATION_KEYS = ("decision", "classes", "n", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "qwk",
+                   "macro_roc_auc", "micro_roc_auc", "weighted_log_loss")
 
 
 class BundleError(ValueError):
@@ -87,7 +88,7 @@ class Bundle:
     def task(self):
         from haven.learn.tasks import get_task
 
-        return get_task(self.meta["task"])
+        return get_task(self.meta["task"], self.meta.get("task_options"))
 
     @property
     def decision(self) -> dict | None:
@@ -138,24 +139,13 @@ class Bundle:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, samples: np.ndarray, batch_size: int = 64) -> list[dict]:
-        """One row per sample: ``p_<class>`` (the model's probabilities), ``pcal_<class>``
-        (temperature-scaled), ``predicted`` (the decision rule on the probabilities it was chosen
-        on), the model's name and version and the input's hash."""
-        from haven.trust.calibration import scale_temperature
-        from haven.trust.decision import apply
-
+        """One row per sample: the task's columns (:meth:`haven.learn.tasks.base.Task.rows`:
+        ``p_<class>``, ``pcal_<class>`` temperature-scaled, ``predicted`` under the decision rule
+        chosen on validation), the model's name and version and the input's hash."""
         probs = self.scores(samples, batch_size)
-        t = self.temperature
-        calibrated = scale_temperature(probs, t) if t is not None and len(probs) else probs
-        decision = self.decision
-        on = calibrated if decision and decision.get("calibrated") else probs
-        predicted = apply(on, decision, self.classes) if len(probs) else np.zeros(0, int)
-        classes = self.classes
-        return [{**{f"p_{c}": float(p[j]) for j, c in enumerate(classes)},
-                 **{f"pcal_{c}": float(q[j]) for j, c in enumerate(classes)},
-                 "predicted": classes[int(k)], "model": self.name, "model_version": self.version,
-                 "input_hash": input_hash(s)}
-                for p, q, k, s in zip(probs, calibrated, predicted, samples)]
+        rows = self.task.rows(probs, self.evaluation, self.classes)
+        return [{**row, "model": self.name, "model_version": self.version, "input_hash": input_hash(s)}
+                for row, s in zip(rows, samples)]
 
     def describe(self) -> dict:
         """What the model is, for ``GET /model``, the pyfunc's metadata and the report."""
@@ -163,5 +153,5 @@ class Bundle:
                 "backbone": self.meta["backbone"], "input": {**self.pixels, "channels": int(self.meta["in_chans"]),
                                                              "mean": self.meta["mean"], "std": self.meta["std"]},
                 "temperature": self.temperature, "decision": self.decision, "tta": self.tta,
-                "test_metrics": {k: self.evaluation.get(k) for k in ("n", "accuracy", "balanced_accuracy", "roc_auc")
-                                 if k in self.evaluation}}
+                "test_metrics": {k: self.evaluation.get(k) for k in ("n", "accuracy", "balanced_accuracy", "roc_auc",
+                                                                      "qwk", "macro_roc_auc") if k in self.evaluation}}

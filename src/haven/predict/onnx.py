@@ -62,7 +62,7 @@ def parity(model_pt: str | Path, onnx_path: str | Path, test_zarr: str | Path, b
     from haven.learn.tasks import get_task
 
     model, meta = load_model(model_pt)
-    task = get_task(meta["task"])
+    task = get_task(meta["task"], meta.get("task_options"))
     split = ZarrSplit(test_zarr)
     if split.channels != int(meta["in_chans"]) or split.images.shape[-1] != int(meta["size"]):
         raise ValueError(f"{test_zarr} holds {split.channels}×{split.images.shape[-1]} px samples but {model_pt} "

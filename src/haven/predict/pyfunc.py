@@ -101,8 +101,7 @@ class HavenModel(mlflow.pyfunc.PythonModel):
 
 
 def output_columns(bundle: Bundle) -> list[str]:
-    return ([f"p_{c}" for c in bundle.classes] + [f"pcal_{c}" for c in bundle.classes]
-            + ["predicted", "model", "model_version", "input_hash"])
+    return bundle.task.prediction_columns(bundle.classes) + ["model", "model_version", "input_hash"]
 
 
 def example_png(bundle: Bundle) -> bytes:

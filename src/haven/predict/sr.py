@@ -38,11 +38,16 @@ SCHEME = "99HAVEN"  # local coding scheme (PS3.16 8.2: 99 prefix) for a project'
 INDEX_COLUMNS = ["study_uid", "sr_file", "sr_sop_uid", "instances"]
 
 
-def _uid(*parts: str) -> str:
-    """A 2.25 UID that only these parts decide (a re-run writes the same report UIDs)."""
-    from pydicom.uid import generate_uid
+def derived_uid(namespace: str, *parts: str) -> str:
+    """A 2.25 UID that only these parts decide (a re-run writes the same report UIDs): a 128-bit
+    hash as the decimal suffix, as PS3.5 B.2 derives 2.25 UIDs from UUIDs.  Not pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)``: with no prefix it ignores the entropy and is random."""
+    digest = hashlib.sha256("\x1f".join([namespace, *parts]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
-    return str(generate_uid(prefix=None, entropy_srcs=["haven-sr", *parts]))
+
+def _uid(*parts: str) -> str:
+    return derived_uid("haven-sr", *parts)
 
 
 def finding_code(name: str):
@@ -62,24 +67,36 @@ def probability(row: dict) -> float:
     return float(value)
 
 
-def _group(row: dict, header, algorithm):
+def findings(row: dict, every_class: bool = False) -> list[tuple[str, float]]:
+    """(finding, probability) per measurement group of one instance: the predicted class (single
+    label, ordinal grade); with ``every_class`` (a multi-label model: :attr:`Task.reports_every_class`)
+    every finding with its own probability, so the report states the negatives too."""
+    if not every_class:
+        return [(row["predicted"], probability(row))]
+    names = [k[len("p_"):] for k in row if k.startswith("p_")]
+    if not names:
+        raise ValueError("the predictions have no probability column (p_<finding>)")
+    return [(n, float(row.get(f"pcal_{n}") or row[f"p_{n}"])) for n in names]
+
+
+def _groups(row: dict, header, algorithm, every_class: bool) -> list:
     from highdicom.sr import (Measurement, MeasurementsAndQualitativeEvaluations,
                               SourceImageForMeasurementGroup, TrackingIdentifier)
     from pydicom.sr.codedict import codes
 
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=_uid("group", row["sop_uid"], row["model"]),
-                                               identifier=f"haven prediction {row['model']}"),
-        finding_type=finding_code(row["predicted"]),
+    return [MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=_uid("group", row["sop_uid"], row["model"], *(
+            [name] if i else [])), identifier=f"haven prediction {row['model']}"),
+        finding_type=finding_code(name),
         algorithm_id=algorithm,
-        measurements=[Measurement(name=codes.DCM.Probability, value=probability(row), unit=codes.UCUM.NoUnits)],
+        measurements=[Measurement(name=codes.DCM.Probability, value=p, unit=codes.UCUM.NoUnits)],
         source_images=[SourceImageForMeasurementGroup(str(header.SOPClassUID), str(header.SOPInstanceUID))],
-    )
+    ) for i, (name, p) in enumerate(findings(row, every_class))]
 
 
-def report(rows: list[dict], headers: list, *, manufacturer: str = "haven"):
+def report(rows: list[dict], headers: list, *, manufacturer: str = "haven", every_class: bool = False):
     """The Comprehensive SR of one study: ``rows`` (re-identified predictions, one per instance) and
-    the original ``headers`` of those instances, in the same order."""
+    the original ``headers`` of those instances, in the same order (``every_class``: see :func:`findings`)."""
     from highdicom.sr import (AlgorithmIdentification, ComprehensiveSR, DeviceObserverIdentifyingAttributes,
                               MeasurementReport, ObservationContext, ObserverContext)
     from pydicom.sr.codedict import codes
@@ -92,7 +109,7 @@ def report(rows: list[dict], headers: list, *, manufacturer: str = "haven"):
     content = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=[_group(r, h, algorithm) for r, h in zip(rows, headers)])
+        imaging_measurements=[g for r, h in zip(rows, headers) for g in _groups(r, h, algorithm, every_class)])
     return ComprehensiveSR(
         evidence=headers, content=content[0],
         series_instance_uid=_uid("series", study, model, version), series_number=9001,
@@ -123,10 +140,11 @@ def _header(source: Path, row: dict, reidentified: Path):
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def write_reports(reidentified: Path, source: Path, out: Path) -> dict:
+def write_reports(reidentified: Path, source: Path, out: Path, every_class: bool = False) -> dict:
     """One SR file per original study of the DICOM rows of ``reidentified`` (the PHI-zone table of
     :mod:`haven.predict.reidentify`) into the folder ``out`` (mode 0700, files 0600), and
-    ``out/index.csv`` (study → report).  Returns counts (no identifier)."""
+    ``out/index.csv`` (study → report); ``every_class``: see :func:`findings`.  Returns counts (no
+    identifier)."""
     from haven.io import atomic_open
 
     reidentified, source, out = Path(reidentified), Path(source), Path(out)
@@ -140,7 +158,7 @@ def write_reports(reidentified: Path, source: Path, out: Path) -> dict:
     os.chmod(out, 0o700)
     index, instances = [], 0
     for study, rows in sorted(studies.items()):
-        sr = report(rows, [_header(source, r, reidentified) for r in rows])
+        sr = report(rows, [_header(source, r, reidentified) for r in rows], every_class=every_class)
         name = f"{sr.SOPInstanceUID}.dcm"
         with atomic_open(out / name, "wb") as fh:  # mkstemp: 0600 from the start
             sr.save_as(fh, enforce_file_format=True)

@@ -27,6 +27,7 @@ def applied(a: Artefacts) -> dict:
 
 def model_card(project: str, s: dict, a: Artefacts) -> str:
     m = a.metrics
+    cv_rows, cv_header, cv_note = f.cv_table(a.run)
     sg, rob, cal = m.get("subgroups", {}), m.get("robustness", {}), m.get("calibration", {})
     return render(
         "model_card.md.j2", project=project, stats=a.stats, audit=a.audit, best=a.best,
@@ -35,6 +36,7 @@ def model_card(project: str, s: dict, a: Artefacts) -> str:
         freeze_epochs=s["train"]["freeze_epochs"], best_epoch=a.run.get("best_epoch"),
         mlflow_run=a.run.get("mlflow_run_id", "not tracked"), n_quarantined=sum(n for _, n in a.quarantine),
         split_rows=f.split_rows(a.stats), metric_rows=f.metric_rows(m), per_class_rows=f.per_class_rows(m),
+        task_tables=f.task_tables(m), cv_rows=cv_rows, cv_header=cv_header, cv_note=cv_note, task_text=f.task_text(s.get("task", "classification"), a.stats),
         ci_note=f.ci_note(m), calibration_rows=f.calibration_rows(cal), calibration_note=f.calibration_note(cal),
         subgroup_summary=f.subgroup_summary(sg), gap_rows=f.gap_rows(sg), explain_summary=f.explain_summary(
             m.get("explain", {})), robustness=rob, robustness_rows=f.robustness_rows(rob),

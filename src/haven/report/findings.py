@@ -48,12 +48,45 @@ def trials_table(trials: pd.DataFrame | None, top: int = 8) -> tuple[list[tuple]
     if trials is None or trials.empty:
         return None
     df = trials
-    metric = next((c for c in ("val_balanced_accuracy", "val_accuracy") if c in df), None)
+    metric = next((c for c in ("val_qwk", "val_macro_roc_auc", "val_balanced_accuracy", "val_accuracy") if c in df),
+                  None)
     if metric:
         df = df.sort_values(metric, ascending=False)
     cols = [c for c in df.columns if c.startswith("param_")] + [c for c in (metric, "training_iteration") if c]
     rows = [tuple(fmt(v) if isinstance(v, float) else v for v in r) for r in df[cols].head(top).itertuples(index=False)]
     return rows, tuple(c.removeprefix("param_") for c in cols)
+
+
+def cv_table(run: dict) -> tuple[list[tuple], tuple, str]:
+    """A cross-validated model's folds (rows, header, note: mean ± sd), from its run.json; empty
+    for a single model."""
+    cv = run.get("cv")
+    if not cv:
+        return [], (), ""
+    key = f"best_{cv['metric']}"
+    rows = [(f["fold"], f["best_epoch"], fmt(f[key]), f["epochs_run"]) for f in cv["per_fold"]]
+    note = (f"{cv['folds']}-fold cross-validation by patient: {cv['metric']} {cv['mean']:.3f} ± {cv['sd']:.3f} "
+            f"(mean ± sd over the folds, each fold validated on its own patients). The model evaluated below is "
+            f"the ensemble of the {cv['folds']} fold networks (averaged probabilities).")
+    return rows, ("fold", "best epoch", key, "epochs"), note
+
+
+def task_tables(metrics: dict) -> list[dict]:
+    """The tables a task's evaluation adds to metrics.json (``tables``: title, header, rows, note;
+    multi-label per-finding figures, ordinal kappa and grades), as text cells."""
+    return [{"title": str(t.get("title", "")), "header": [str(h) for h in t.get("header", [])],
+             "rows": [[fmt(c) for c in r] for r in t.get("rows", [])], "note": str(t.get("note", ""))}
+            for t in metrics.get("tables") or []]
+
+
+def task_text(task: str, stats: dict) -> str:
+    """What the model does, for the model card's intended use."""
+    classes = stats["classes"]
+    if task == "multilabel":
+        return f"a multi-label detector of {len(classes)} findings at once ({', '.join(classes)})"
+    if task == "ordinal":
+        return f"an ordinal grader on a {len(classes)}-grade scale ({', '.join(classes)})"
+    return f"a {len(classes)}-class image classifier ({', '.join(classes)})"
 
 
 def metric_rows(metrics: dict) -> list[tuple]:
@@ -68,8 +101,8 @@ def metric_rows(metrics: dict) -> list[tuple]:
 
 def per_class_rows(metrics: dict) -> list[tuple]:
     intervals = (metrics.get("ci") or {}).get("per_class", {})
-    return [(c, ci(v["sensitivity"], intervals.get(c, {}).get("sensitivity")),
-             ci(v["specificity"], intervals.get(c, {}).get("specificity"))) for c, v in metrics["per_class"].items()]
+    return [(c, ci(v.get("sensitivity"), intervals.get(c, {}).get("sensitivity")),
+             ci(v.get("specificity"), intervals.get(c, {}).get("specificity"))) for c, v in metrics.get("per_class", {}).items()]
 
 
 def ci_note(metrics: dict) -> str:
@@ -217,6 +250,8 @@ def decision_text(metrics: dict) -> str:
     d = metrics.get("decision")
     if not d:
         return "No decision rule recorded (metrics.json from before prediction existed): predictions use argmax."
+    if d.get("text"):  # a task with its own rule (per-finding thresholds, the referable cut) says it itself
+        return str(d["text"])
     if d.get("rule") != "threshold" or d.get("threshold") is None:
         return ("Predictions on new data name the most probable class (argmax): "
                 + ("more than two classes." if len(metrics.get("classes") or metrics.get("per_class") or []) > 2
@@ -231,7 +266,8 @@ def tta_rows(metrics: dict) -> list[tuple]:
     """metric, without TTA, with TTA, difference (evaluate's ``tta``, when enabled)."""
     t = metrics.get("tta") or {}
     names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC AUC",
-             "pr_auc": "PR AUC"}
+             "pr_auc": "PR AUC", "qwk": "quadratic weighted kappa", "macro_roc_auc": "macro ROC AUC",
+             "micro_roc_auc": "micro ROC AUC", "weighted_log_loss": "weighted log loss (lower is better)"}
     return [(name, fmt(t[k].get("without")), fmt(t[k].get("with")),
              f"{t[k]['delta']:+.3f}" if isinstance(t[k].get("delta"), float) else fmt(t[k].get("delta")))
             for k, name in names.items() if isinstance(t.get(k), dict)]

@@ -60,13 +60,14 @@ def page(project: str, a: Artefacts, inputs: Inputs, outputs: Outputs, card: str
     m = a.metrics
     sg, rob, cal = m.get("subgroups", {}), m.get("robustness", {}), m.get("calibration", {})
     trials_rows, trials_header = f.trials_table(a.trials) or ([], ())
+    cv_rows, cv_header, cv_note = f.cv_table(a.run)
     text = render(
         "page.html.j2", project=project, sections=SECTIONS, plot=plot, search=image_data(inputs.search),
         curves=image_data(outputs.curves), split_rows=f.split_rows(a.stats), quarantine=a.quarantine,
         n_quarantined=sum(n for _, n in a.quarantine), audit=a.audit, pixel_text=f.pixel_text(a.audit),
         accepted_rows=f.accepted_rows(a.audit), best=a.best,
-        trials_rows=trials_rows, trials_header=trials_header, metric_rows=f.metric_rows(m),
-        per_class_rows=f.per_class_rows(m), ci_note=f.ci_note(m), calibration_rows=f.calibration_rows(cal),
+        trials_rows=trials_rows, trials_header=trials_header, cv_rows=cv_rows, cv_header=cv_header, cv_note=cv_note, metric_rows=f.metric_rows(m),
+        per_class_rows=f.per_class_rows(m), task_tables=f.task_tables(m), ci_note=f.ci_note(m), calibration_rows=f.calibration_rows(cal),
         calibration_note=f.calibration_note(cal), flagged=sg.get("flagged"), subgroup_summary=f.subgroup_summary(sg),
         gap_rows=f.gap_rows(sg), subgroup_rows=f.subgroup_rows(sg), subgroup_header=f.subgroup_header(sg),
         explain_summary=f.explain_summary(m.get("explain", {})), robustness=rob,

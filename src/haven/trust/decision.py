@@ -58,3 +58,14 @@ def apply(probs: np.ndarray, decision: dict | None, classes: list[str]) -> np.nd
     pos = classes.index(decision["positive"])
     other = 1 - pos
     return np.where(probs[:, pos] >= float(decision["threshold"]), pos, other)
+
+
+def view_probabilities(p: np.ndarray, threshold: float) -> np.ndarray:
+    """A binary view's probability (referable retinopathy, one finding) as 2-class probabilities,
+    re-centred so that ``threshold`` sits at 0.5: a monotone map (AUCs unchanged) under which argmax
+    is the thresholded decision, so the pieces that read argmax (subgroup audit, example selection)
+    apply the threshold chosen on validation."""
+    t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    q = np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1 - t))
+    q = np.where(p >= t, np.maximum(q, 0.5 + 1e-9), q)  # p == t is referable, as in the rows
+    return np.stack([1 - q, q], 1)

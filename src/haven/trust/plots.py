@@ -218,3 +218,119 @@ def plot_robustness(rob: dict, path: Path, pixel_scale: float | None = None) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _label_grid(plt, n: int, size: float = 3.0, cols: int = 3):
+    """A grid of ``n`` panels (one per finding), the unused ones hidden."""
+    c = max(1, min(cols, n))
+    r = int(np.ceil(n / c))
+    fig, axes = plt.subplots(r, c, figsize=(size * c, size * r + 0.4), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return fig, axes.ravel()[:n]
+
+
+def plot_label_curves(y: np.ndarray, p: np.ndarray, classes: list[str], path: Path, kind: str = "roc") -> None:
+    """One ROC (``kind="roc"``) or precision-recall curve per finding of a multi-label model, in one
+    figure; a finding without both classes on the test split is named in the legend, not drawn."""
+    plt = _plt()
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for j, c in enumerate(classes):
+        yj = np.asarray(y)[:, j] == 1
+        if not 0 < yj.sum() < len(yj):
+            ax.plot([], [], " ", label=f"{c}: one class only on the test split")
+        elif kind == "roc":
+            RocCurveDisplay.from_predictions(yj, p[:, j], name=c, ax=ax, plot_chance_level=(j == 0))
+        else:
+            PrecisionRecallDisplay.from_predictions(yj, p[:, j], name=c, ax=ax)
+    ax.set_title(("ROC" if kind == "roc" else "Precision-recall") + " per finding (test split)")
+    ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_reliability(y: np.ndarray, p: np.ndarray, classes: list[str], path: Path, bins: int = 10,
+                           scaled: np.ndarray | None = None, ece: dict | None = None) -> None:
+    """Per finding: mean predicted P(finding) against the observed fraction with it, in equal-width
+    bins, before and (``scaled``) after temperature scaling; ``ece`` {finding: ECE} in the titles."""
+    plt = _plt()
+    fig, axes = _label_grid(plt, len(classes))
+    for j, (ax, c) in enumerate(zip(axes, classes)):
+        for probs, name, style in ((p, "model", "o-"), (scaled, "temperature scaled", "s--")):
+            if probs is None:
+                continue
+            idx = np.clip(np.ceil(probs[:, j] * bins).astype(int) - 1, 0, bins - 1)
+            count = np.bincount(idx, minlength=bins)
+            filled = count > 0
+            frac = np.bincount(idx, weights=np.asarray(y)[:, j], minlength=bins)[filled] / count[filled]
+            conf = np.bincount(idx, weights=probs[:, j], minlength=bins)[filled] / count[filled]
+            ax.plot(conf, frac, style, ms=3, label=name)
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        e = (ece or {}).get(c)
+        ax.set_title(f"{c}" + (f" (ECE {e:.3f})" if e is not None else ""), fontsize=8)
+        ax.set_xlabel("predicted P", fontsize=7)
+        ax.set_ylabel("observed fraction", fontsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("Reliability per finding (test split)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_confusion(y: np.ndarray, calls: np.ndarray, classes: list[str], path: Path) -> None:
+    """One 2 x 2 confusion matrix per finding (``calls``: the (N, L) yes/no decisions)."""
+    plt = _plt()
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+    fig, axes = _label_grid(plt, len(classes), size=2.6)
+    for j, (ax, c) in enumerate(zip(axes, classes)):
+        cm = confusion_matrix(np.asarray(y)[:, j].astype(int), np.asarray(calls)[:, j].astype(int), labels=[0, 1])
+        ConfusionMatrixDisplay(cm, display_labels=["no", "yes"]).plot(ax=ax, colorbar=False)
+        ax.set_title(c, fontsize=8)
+    fig.suptitle("Confusion per finding at its threshold (test split; rows: true)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_gradcam(images: np.ndarray, maps: np.ndarray, entries: list[tuple[int, int, bool, float]],
+                       classes: list[str], path: Path, per_class: int, mode: str | None = None) -> None:
+    """Grad-CAM per finding: one row per finding, ``per_class`` detected then ``per_class`` missed
+    test images showing it; ``entries[k]`` = (finding, image index, detected, P) of ``images[k]``."""
+    plt = _plt()
+    cols = 2 * per_class
+    fig, axes = plt.subplots(len(classes), cols, figsize=(1.7 * cols, 1.9 * len(classes) + 0.7), squeeze=False,
+                             layout="constrained")
+    for r, c in enumerate(classes):
+        mine = [k for k, e in enumerate(entries) if e[0] == r]
+        slots = [k for k in mine if entries[k][2]][:per_class]
+        slots += [None] * (per_class - len(slots))
+        missed = [k for k in mine if not entries[k][2]][:per_class]
+        slots += missed + [None] * (per_class - len(missed))
+        for s, (ax, k) in enumerate(zip(axes[r], slots)):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k is None:
+                ax.text(0.5, 0.5, "none detected" if s < per_class else "none missed", ha="center", va="center",
+                        fontsize=6, transform=ax.transAxes)
+                continue
+            shown, cmap = _display_image(images[k], mode)
+            ax.imshow(shown, cmap=cmap)
+            m = np.maximum(maps[k], 0)  # positive evidence for the finding
+            m = np.clip(m / (m.max() or 1.0), 0, 1)
+            rgba = plt.get_cmap("jet")(m)
+            rgba[..., 3] = 0.7 * m
+            ax.imshow(rgba)
+            ok = entries[k][2]
+            ax.set_title(f"{'✓' if ok else '✗'} P = {entries[k][3]:.2f}", fontsize=7,
+                         color="black" if ok else "tab:red")
+        axes[r][0].set_ylabel(c, fontsize=8)
+    fig.suptitle(f"Grad-CAM per finding (its logit):\n{per_class} detected | {per_class} missed\ntest images "
+                 "showing it", fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

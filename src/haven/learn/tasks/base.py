@@ -27,6 +27,21 @@ class Task(ABC):
     val_metric: str = ""
     # report/model-card sections this task's evaluation produces (in page order)
     report_sections: tuple[str, ...] = ()
+    # whether a prediction's DICOM SR states every class with its probability (several findings at
+    # once) or the predicted class alone
+    reports_every_class: bool = False
+
+    def __init__(self, options: dict | None = None):
+        # the project's section named after the task (`multilabel:`, `ordinal:`), defaults filled in
+        self.options = dict(options or {})
+
+    def strata(self, labels: pd.Series) -> pd.Series:
+        """What the patient-level split stratifies on, per label (default: the label itself)."""
+        return labels
+
+    def counts(self, labels: pd.Series, classes: list[str]) -> dict:
+        """Samples per class of one split, for ``stats.json`` and the report."""
+        return labels.value_counts().sort_index().to_dict()
 
     @abstractmethod
     def classes(self, labels: pd.Series) -> list[str]:
@@ -37,8 +52,8 @@ class Task(ABC):
         """The targets stored with the images (one row per sample)."""
 
     @abstractmethod
-    def outputs(self, classes: list[str]) -> int:
-        """Width of the model's head."""
+    def outputs(self, classes: list[str], hp: dict | None = None) -> int:
+        """Width of the model's head (``hp``: the run's hyperparameters, when the width depends on one)."""
 
     @abstractmethod
     def loss(self, targets: np.ndarray, classes: list[str], hp: dict) -> nn.Module:
@@ -47,6 +62,11 @@ class Task(ABC):
     @abstractmethod
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits → the scores the metrics read (probabilities for classification)."""
+
+    def logits(self, scores: torch.Tensor, width: int) -> torch.Tensor:
+        """The inverse of :meth:`scores`: logits of head width ``width`` whose scores are ``scores``
+        (an ensemble averages its members' scores and hands them on as one network's logits)."""
+        raise NotImplementedError(f"task {self.name!r} cannot be averaged into an ensemble (no Task.logits)")
 
     @abstractmethod
     def val_metrics(self, targets: np.ndarray, scores: np.ndarray) -> dict:
@@ -58,4 +78,20 @@ class Task(ABC):
 
     @abstractmethod
     def prediction_columns(self, classes: list[str]) -> list[str]:
-        """The score columns of a predictions table (beside the sample's id columns)."""
+        """The columns of :meth:`rows`, in order (a predictions table's, beside the sample's ids)."""
+
+    @abstractmethod
+    def evaluate(self, ctx) -> dict:
+        """The evaluate stage's body for this task: every metric of ``metrics.json`` (the stage adds
+        ``settings`` and ``seconds``) and every file of ``ctx.outputs`` (a figure that does not
+        apply is drawn as a panel saying why).  ``ctx``: :class:`haven.trust.context.Context`."""
+
+    @abstractmethod
+    def flat_metrics(self, metrics: dict) -> dict[str, float]:
+        """The scalars of ``metrics.json`` logged to MLflow (``test_*``)."""
+
+    @abstractmethod
+    def rows(self, scores: np.ndarray, evaluation: dict, classes: list[str]) -> list[dict]:
+        """One predictions-table row per sample from the task's scores: ``p_<class>`` and
+        ``pcal_<class>`` columns and ``predicted``, under the decision rule ``evaluation`` (what
+        evaluate recorded: temperature, decision) chose on validation."""

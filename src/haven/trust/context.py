@@ -1,0 +1,132 @@
+"""What every task's evaluation is handed (:class:`Context`) and the small readers they share.
+
+The evaluate stage (:mod:`haven.trust.evaluate`) loads the model and the splits once, then asks
+the project's Task to evaluate (``task.evaluate(ctx)``): single-label classification in
+:mod:`haven.trust.classify`, multi-label and ordinal beside it.  This module is a leaf: it imports
+no evaluation, so each task's evaluation can import it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The figures the stage can draw; where each goes is the caller's (the rule's) choice.
+PLOT_KINDS = ("confusion", "roc", "pr", "reliability", "subgroups", "gradcam", "integrated_gradients",
+              "robustness")
+
+
+@dataclass
+class Outputs:
+    """Where the stage writes. Only ``metrics`` is required; a file left None is not written, a
+    figure kind left out of ``plots`` is not drawn (neither changes a number in metrics.json)."""
+
+    metrics: Path
+    subgroups_table: Path | None = None
+    predictions: Path | None = None
+    explain_maps: Path | None = None
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.plots) - set(PLOT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown plot {', '.join(unknown)} (known: {', '.join(PLOT_KINDS)})")
+        self.metrics = Path(self.metrics)
+        for name in ("subgroups_table", "predictions", "explain_maps"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        self.plots = {k: Path(v) for k, v in self.plots.items()}
+
+    def files(self) -> list[Path]:
+        return [p for p in (self.metrics, self.subgroups_table, self.predictions, self.explain_maps,
+                            *self.plots.values()) if p is not None]
+
+
+class Laps:
+    """Seconds per phase, for ``metrics["seconds"]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self._t0, 2)
+        self._t0 = time.perf_counter()
+
+
+@dataclass
+class Context:
+    """One evaluation: the loaded model and its record (``meta``: model.pt's dict), the test split,
+    the validation split (None when absent or empty), the files to write, the project's
+    ``evaluate`` settings, its ``tta`` section, the seed and the phase clock."""
+
+    model: Any
+    meta: dict
+    task: Any  # haven.learn.tasks.base.Task
+    test: Any  # haven.learn.data.ZarrSplit
+    val: Any
+    outputs: Outputs
+    settings: dict
+    seed: int = 42
+    tta: dict | None = None
+    lap: Laps = field(default_factory=Laps)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def predict(self, split) -> tuple[np.ndarray, np.ndarray]:
+        """The task's scores and the stored targets of a whole split."""
+        from haven.learn.infer import predict
+
+        # amp: autocast only acts on a GPU, and evaluate's model stays on the CPU
+        return predict(self.model, split, self.task, amp="bf16")
+
+
+def column(split, name: str) -> np.ndarray:
+    """A per-sample string column of a split ('' where the data carried no value)."""
+    if name not in split.group:
+        return np.full(len(split), "", dtype=object)
+    return np.array([str(v) for v in split.group[name][:].tolist()], dtype=object)
+
+
+def patient_clusters(split) -> np.ndarray | None:
+    """The bootstrap's resampling unit: patients when every image names one; otherwise None
+    (images: an unknown patient could be anyone's)."""
+    patients = column(split, "patient")
+    return patients if len(patients) and (patients != "").all() else None
+
+
+def read(split, idx: np.ndarray) -> np.ndarray:
+    """The uint8 images of ``idx``."""
+    if len(idx) == 0:
+        return np.zeros((0,) + tuple(split.images.shape[1:]), np.uint8)
+    return np.stack([np.asarray(split.images[int(i)]) for i in idx])
+
+
+def jsonable(obj):
+    """numpy scalars → Python, non-finite floats → None, keys → str: what json.dumps writes."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def put_scalar(out: dict[str, float], name: str, v) -> None:
+    """``out["test_<name>"] = v`` for a finite number (MLflow takes no None, bool or NaN)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and np.isfinite(v):
+        out[f"test_{name}"] = float(v)
+
+
+def safe_name(name: str) -> str:
+    """A class or label name as an MLflow metric key part."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
