@@ -1,10 +1,11 @@
 # Helpers shared by the rules: paths and the per-stage settings handed to `haven`.
 import json
+import re
 import shlex
 from types import SimpleNamespace
 
 from haven.cluster import cpus_per_gpu, rule_resources, site_settings
-from haven.config import compare_settings, dataset_name, datasets, project as project_settings, stage_settings, trained_projects
+from haven.config import compare_settings, cv_folds, dataset_name, datasets, project as project_settings, stage_settings, trained_projects
 from haven.shards import remote_source, shard_count
 
 R = config["results"]
@@ -15,6 +16,9 @@ PROJECTS = list(config["projects"])
 DATASETS = datasets(config)
 # projects that go on to training; the others (`until: audit`) end at the audit (de-identification only)
 TRAINED = trained_projects(config)
+# cross-validated projects (`cv.folds` >= 2) → their folds: rule ensemble makes their train/model.pt
+# from one train_fold job per fold (rules/cv.smk); the others' comes from rule train
+CV = {p: cv_folds(config["projects"][p]) for p in TRAINED if cv_folds(config["projects"][p])}
 DEMO_ROOT = "data/demo"
 # The cluster's own Slurm values (partition, account, GPU model, ...) from ~/.config/haven/site.yaml
 # or HAVEN_SLURM_* variables (haven.cluster); every rule adds them to its resources.
@@ -28,6 +32,26 @@ SHARDS = {name: shard_count(project_settings(config, name)) for name in DATASETS
 wildcard_constraints:
     project="|".join(DATASETS),
     shard=r"\d+",
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: a pattern that matches nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def fold_paths(path):
+    """Input function: ``path`` (with {fold}) for every fold of the project."""
+    return lambda w: expand(P(path), project=w.project, fold=range(CV[w.project]))
+
+
+def fold_train_stores(w, input):
+    """The fold stores (inside the folds folder, a declared input) fold w.fold trains on: the others."""
+    return " ".join(shlex.quote(f"{input.folds}/{j}.zarr") for j in range(CV[w.project]) if j != int(w.fold))
+
+
+def fold_val_store(w, input):
+    """The fold's own store: its validation split."""
+    return f"{input.folds}/{w.fold}.zarr"
 
 
 def P(path):

@@ -1,5 +1,8 @@
 rule train:
     """Transfer learning with the tuned hyperparameters; checkpoints every epoch, resumes."""
+    wildcard_constraints:
+        # a cross-validated project's train/model.pt is the ensemble of its folds (rules/cv.smk)
+        project=one_of([p for p in TRAINED if p not in CV]),
     input:
         best=P("tune/best_config.yaml"),
         train=P("preprocess/train.zarr"),

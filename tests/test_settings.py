@@ -42,14 +42,20 @@ def _by_hand(root, command: str, project: str | None) -> dict:
     return cli_common.settings(args)
 
 
-def test_every_stage_of_both_demo_projects_gets_the_same_settings_by_hand(root, rule_settings):
+def test_every_stage_of_every_demo_project_gets_the_same_settings_by_hand(root, rule_settings):
     # the gate stages also run on each project's predict source (the dataset <project>/predict/new),
-    # and reidentify only there; `--project digits/predict/new` by hand gets the same settings
+    # and reidentify only there; `--project digits/predict/new` by hand gets the same settings;
+    # the cross-validation stages (folds, ensemble) run for the cross-validated projects only
     gate = ("ingest", "anonymize", "audit", "reidentify")
-    projects = ("digits", "brain-ct")
+    conf = cfg.load(root / "config.yaml")
+    projects = list(conf["projects"])
+    cv = [p for p in projects if cfg.cv_folds(conf["projects"][p])]
+    assert cv, "the embedded config should cross-validate one project (the DAG tests run it)"
     datasets = [cfg.dataset_name(p, "new") for p in projects]
-    expected = {(stage, p) for stage in cfg.STAGE_SECTIONS if stage != "reidentify" for p in projects}
+    expected = {(stage, p) for stage in cfg.STAGE_SECTIONS if stage not in ("reidentify", "folds", "ensemble")
+                for p in projects}
     expected |= {(stage, d) for stage in gate for d in datasets}
+    expected |= {(stage, p) for stage in ("folds", "ensemble") for p in cv}
     assert expected <= set(rule_settings), sorted(expected - set(rule_settings))
     for stage, project in sorted(expected):
         by_hand = _by_hand(root, stage, project)

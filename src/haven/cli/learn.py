@@ -20,7 +20,7 @@ def cmd_preprocess(args) -> int:
         params["workers"] = args.workers
     inputs = Inputs(Path(args.manifest), Path(args.audit), Path(args.data))
     outputs = Outputs(*(Path(getattr(args, k)) for k in ("train", "val", "test", "splits", "stats")))
-    stats = preprocess(inputs, outputs, params, seed=s["seed"], task=s["task"])
+    stats = preprocess(inputs, outputs, params, seed=s["seed"], task=s["task"], task_options=s.get("task_options"))
     print(json.dumps(stats["samples"]))
     return 0
 
@@ -40,7 +40,8 @@ def cmd_tune(args) -> int:
                       trials=Path(args.trials), history=Path(args.history), plot=Path(args.plot),
                       storage=Path(args.ray_storage or Path(args.best).parent / "ray"),
                       splits=Path(args.splits) if args.splits else None)
-    summary = tune_project(files, s["model"], s["train"], s["tune"], task=get_task(s["task"]), seed=s["seed"],
+    task = get_task(s["task"], s.get("task_options"))
+    summary = tune_project(files, s["model"], s["train"], s["tune"], task=task, seed=s["seed"],
                            tracking=tracking(s, data_hash=data_hash(files.stats)), cpus=args.cpus,
                            ray_address=args.ray_address, fresh=args.fresh)
     print(json.dumps({k: summary[k] for k in ("config", "metric", "value", "trials", "trial_epochs")}, default=str))
@@ -59,7 +60,9 @@ def cmd_train(args) -> int:
     if rc is not None:
         return rc
     lineage(args, s)
-    files = TrainFiles(train=Path(args.train), val=Path(args.val), stats=Path(args.stats), model=Path(args.model),
+    train_stores = [Path(t) for t in args.train]
+    files = TrainFiles(train=train_stores[0] if len(train_stores) == 1 else train_stores, val=Path(args.val),
+                       stats=Path(args.stats), model=Path(args.model),
                        history=Path(args.history), run=Path(args.summary),
                        workdir=Path(args.workdir or Path(args.model).parent),
                        best_config=Path(args.best_config) if args.best_config else None,
@@ -67,17 +70,22 @@ def cmd_train(args) -> int:
     tune_run = None
     if files.best_config:
         tune_run = (yaml.safe_load(files.best_config.read_text()) or {}).get("mlflow_run_id")
-    task = get_task(s["task"])
+    task = get_task(s["task"], s.get("task_options"))
     summary = train(files, s["model"], s["train"], task=task, seed=s["seed"],
-                    tracking=tracking(s, data_hash=data_hash(files.stats), tune_run_id=tune_run))
+                    tracking=tracking(s, data_hash=data_hash(files.stats), tune_run_id=tune_run, fold=args.fold))
     if summary:  # rank 0 (the others return nothing)
         print(json.dumps({k: summary[k] for k in ("best_epoch", f"best_{task.val_metric}", "epochs_run")}))
     return 0
 
 
-def _data_args(p) -> None:
-    """The preprocess stage's files a learning stage reads (the rules pass each one)."""
-    p.add_argument("--train", required=True, help="the train split's Zarr store (preprocess/train.zarr)")
+def _data_args(p, several: bool = False) -> None:
+    """The preprocess stage's files a learning stage reads (the rules pass each one); ``several``:
+    the train split may be several stores (a cross-validation fold trains on the other folds)."""
+    if several:
+        p.add_argument("--train", required=True, nargs="+", help="the train split's Zarr store(s) (preprocess/"
+                                                                 "train.zarr; a fold: the other folds' stores)")
+    else:
+        p.add_argument("--train", required=True, help="the train split's Zarr store (preprocess/train.zarr)")
     p.add_argument("--val", required=True, help="the validation split's Zarr store (preprocess/val.zarr)")
     p.add_argument("--stats", required=True, help="preprocess/stats.json (the data's identity)")
     p.add_argument("--splits", help="preprocess/splits.csv: logged to MLflow as the run's input datasets")
@@ -112,7 +120,7 @@ def add_commands(sub) -> None:
     stage_args(p)
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("train", help="transfer learning with the tuned hyperparameters → model.pt")
-    _data_args(p)
+    _data_args(p, several=True)
     p.add_argument("--best-config", help="the tune stage's best_config.yaml")
     p.add_argument("--model", required=True, help="output: the trained model (model.pt)")
     p.add_argument("--history", required=True, help="output: one row per epoch (history.csv)")
@@ -120,8 +128,51 @@ def add_commands(sub) -> None:
     p.add_argument("--summary", required=True, help="output: the run's summary (run.json)")
     p.add_argument("--workdir", help="holds checkpoints/ (last.pt, from which a killed run resumes; best.pt) "
                                      "(default: the folder of --model)")
+    p.add_argument("--fold", type=int, help="the cross-validation fold this run is (its MLflow run's name and tag)")
     p.add_argument("--nproc", type=int, help="data-parallel processes under torchrun (default: config train.ddp; "
                                              "auto = one per visible GPU when there are several)")
     stage_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("folds", help="cross-validation: the train split's patients in K folds, one Zarr store each")
+    p.add_argument("--train", required=True, help="the train split's Zarr store (preprocess/train.zarr)")
+    p.add_argument("--out", required=True, help="output: the folder of the fold stores (<k>.zarr)")
+    p.add_argument("--table", required=True, help="output: pseudonymous patient → fold (folds.csv)")
+    stage_args(p)
+    p.set_defaults(func=cmd_folds)
+    p = sub.add_parser("ensemble", help="cross-validation: the fold models as one ensemble model.pt")
+    p.add_argument("--fold-model", required=True, nargs="+", help="every fold's model.pt, in fold order")
+    p.add_argument("--fold-run", required=True, nargs="+", help="every fold's run.json, in fold order")
+    p.add_argument("--fold-history", required=True, nargs="+", help="every fold's history.csv, in fold order")
+    p.add_argument("--folds", required=True, help="the folds table (folds.csv), logged with the ensemble")
+    p.add_argument("--stats", required=True, help="preprocess/stats.json (the data's identity)")
+    p.add_argument("--model", required=True, help="output: the ensemble (model.pt)")
+    p.add_argument("--history", required=True, help="output: every fold's epochs (history.csv)")
+    p.add_argument("--summary", required=True, help="output: the cross-validation summary (run.json)")
+    stage_args(p)
+    p.set_defaults(func=cmd_ensemble)
 
+
+def cmd_folds(args) -> int:
+    from haven.config import cv_folds
+    from haven.learn.folds import make_folds
+
+    s = settings(args)
+    lineage(args, s)
+    counts = make_folds(args.train, args.out, args.table, cv_folds(s), seed=s["seed"])
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from haven.learn.ensemble import EnsembleFiles, assemble
+    from haven.learn.tasks import get_task
+
+    s = settings(args)
+    lineage(args, s)
+    files = EnsembleFiles(models=[Path(p) for p in args.fold_model], runs=[Path(p) for p in args.fold_run],
+                          histories=[Path(p) for p in args.fold_history], folds=Path(args.folds),
+                          model=Path(args.model), history=Path(args.history), run=Path(args.summary))
+    task = get_task(s["task"], s.get("task_options"))
+    summary = assemble(files, task, tracking=tracking(s, data_hash=data_hash(Path(args.stats))))
+    print(json.dumps({k: summary["cv"][k] for k in ("folds", "metric", "mean", "sd")}))
+    return 0

@@ -84,7 +84,8 @@ def load_best(workdir: str | Path, model: nn.Module, dev: torch.device) -> None:
         model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
 
 
-def save_model(result, path: str | Path, backbone: str, train_store: str | Path, hp: dict, task: str) -> None:
+def save_model(result, path: str | Path, backbone: str, train_store: str | Path, hp: dict, task: str,
+               task_options: dict | None = None) -> None:
     """The deliverable: best weights (``result.model``, ``result.best_epoch`` of
     :class:`haven.learn.train.Result`) plus everything needed to rebuild and feed the model: the
     ``task``, the classes, the preprocess settings that made the training samples (``pixels``:
@@ -97,20 +98,29 @@ def save_model(result, path: str | Path, backbone: str, train_store: str | Path,
         "state_dict": result.model.state_dict(), "backbone": backbone, "classes": split.classes,
         "in_chans": split.channels, "size": int(split.images.shape[-1]),
         "mean": split.mean.tolist(), "std": split.std.tolist(), "hparams": hp,
-        "best_epoch": result.best_epoch, "task": task, "pixels": split.group.attrs.get("pixels"),
+        "best_epoch": result.best_epoch, "task": task, "task_options": dict(task_options or {}),
+        "pixels": split.group.attrs.get("pixels"),
     }))
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    from haven.learn.models import build_model
+    """model.pt → (the network in eval mode, its record).  A cross-validated project's model.pt
+    (:mod:`haven.learn.ensemble`: ``members``) loads as one :class:`~haven.learn.models.Ensemble`."""
+    from haven.learn.models import Ensemble, build_model
 
     from haven.learn.tasks import get_task
 
     meta = torch.load(path, map_location=map_location, weights_only=False)
     # files written before model.pt recorded its task are single-label classification
     meta.setdefault("task", "classification")
-    outputs = get_task(meta["task"]).outputs(list(meta["classes"]))
-    model = build_model(meta["backbone"], outputs, weights=None, in_chans=meta["in_chans"])
-    model.load_state_dict(meta["state_dict"])
+    task = get_task(meta["task"], meta.get("task_options"))
+    outputs = task.outputs(list(meta["classes"]), meta.get("hparams"))
+
+    def network(state: dict) -> nn.Module:
+        model = build_model(meta["backbone"], outputs, weights=None, in_chans=meta["in_chans"])
+        model.load_state_dict(state)
+        return model
+
+    model = Ensemble([network(s) for s in meta["members"]], task) if "members" in meta else network(meta["state_dict"])
     model.eval()
     return model, meta

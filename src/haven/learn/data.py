@@ -16,20 +16,38 @@ import torch
 
 
 class ZarrSplit:
-    """A split written by the preprocess stage, read chunk by chunk (whole Zarr chunks)."""
+    """A split written by the preprocess stage, read chunk by chunk (whole Zarr chunks).
 
-    def __init__(self, store: str | Path):
+    ``store`` may be several stores of the same preprocessing (the folds a cross-validation fold
+    trains on): they read as one split, in the order given, with the first store's attributes."""
+
+    def __init__(self, store: str | Path | list | tuple):
         import zarr
 
-        self.store = Path(store)
-        self.group = zarr.open_group(self.store, mode="r")
-        self.images = self.group["images"]
-        self.labels = np.asarray(self.group["labels"][:], dtype=np.int64)
+        stores = [Path(p) for p in store] if isinstance(store, (list, tuple)) else [Path(store)]
+        if not stores:
+            raise ValueError("a split needs at least one Zarr store")
+        self.store = stores[0]
+        self.stores = stores
+        self.groups = [zarr.open_group(p, mode="r") for p in stores]
+        self.group = self.groups[0]
+        arrays = [g["images"] for g in self.groups]
+        self.images = arrays[0] if len(arrays) == 1 else _Concat(arrays)
+        # the task's targets as stored: class indices (N,) for one class per sample, 0/1 floats
+        # (N, labels) for several findings at once
+        labels = np.concatenate([np.asarray(g["labels"][:]) for g in self.groups])
+        self.labels = labels.astype(np.int64) if labels.ndim == 1 else labels.astype(np.float32)
         attrs = dict(self.group.attrs)
         self.classes: list[str] = list(attrs["classes"])
         self.mean = torch.tensor(attrs.get("mean", [0.5] * self.images.shape[1]), dtype=torch.float32)
         self.std = torch.tensor(attrs.get("std", [0.25] * self.images.shape[1]), dtype=torch.float32)
-        self.chunk = self.images.chunks[0]
+        self.chunk = arrays[0].chunks[0]
+        # (array, first sample in it, its first global index) of every whole chunk, in order
+        self._chunks = []
+        offset = 0
+        for a in arrays:
+            self._chunks += [(a, s, offset + s) for s in range(0, a.shape[0], a.chunks[0])]
+            offset += a.shape[0]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -39,11 +57,12 @@ class ZarrSplit:
         return self.images.shape[1]
 
     def column(self, name: str) -> np.ndarray:
-        return np.array([str(v) for v in self.group[name][:].tolist()], dtype=str)
+        return np.concatenate([np.array([str(v) for v in g[name][:].tolist()], dtype=str) for g in self.groups])
 
-    def _read_group(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = np.concatenate([self.images[s:s + self.chunk] for s in starts])
-        y = np.concatenate([self.labels[s:s + self.chunk] for s in starts])
+    def _read_group(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self._chunks[int(c)] for c in chunks]
+        x = np.concatenate([a[s:s + a.chunks[0]] for a, s, _ in parts])
+        y = np.concatenate([self.labels[g:g + min(a.chunks[0], a.shape[0] - s)] for a, s, g in parts])
         return x, y
 
     def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
@@ -61,13 +80,13 @@ class ZarrSplit:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        n = len(self)
-        starts = np.arange(0, n, self.chunk)
+        starts = np.arange(len(self._chunks))  # chunk numbers (whole chunks of one store each)
         if shuffle:
             starts = rng.permutation(starts)
         rank, world = shard
         starts = starts[rank::world]
         groups = [starts[g:g + buffer_chunks] for g in range(0, len(starts), buffer_chunks)]
+        balanced = balanced and self.labels.ndim == 1  # a class-balanced sampler needs one class per sample
         if balanced:
             counts = np.bincount(self.labels, minlength=len(self.classes)).astype(np.float64)
             class_weight = 1.0 / np.maximum(counts, 1)
@@ -89,6 +108,20 @@ class ZarrSplit:
                     if pin_memory:
                         xb, yb = xb.pin_memory(), yb.pin_memory()
                     yield xb, yb
+
+
+class _Concat:
+    """Several stores' image arrays as one, for the indexing the stages use (``a[i]``, ``shape``)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.ends = np.cumsum([a.shape[0] for a in arrays])
+        self.shape = (int(self.ends[-1]),) + tuple(arrays[0].shape[1:])
+        self.chunks = arrays[0].chunks
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return self.arrays[k][int(i - (self.ends[k - 1] if k else 0))]
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

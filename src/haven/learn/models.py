@@ -137,10 +137,27 @@ class RepeatChannels(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying backbone model (without :class:`RepeatChannels`)."""
-    while isinstance(model, RepeatChannels):
-        model = model.model
+    """The underlying backbone model (without :class:`RepeatChannels`; of an :class:`Ensemble`, its
+    first member's: Grad-CAM then maps that network's part of the ensemble's output)."""
+    while isinstance(model, (RepeatChannels, Ensemble)):
+        model = model.model if isinstance(model, RepeatChannels) else model.members[0]
     return model
+
+
+class Ensemble(nn.Module):
+    """The cross-validation folds' networks as one model: the members' scores (the task's
+    probabilities) averaged, handed on as logits of those averaged scores (``task.logits``), so
+    every stage that reads a model's logits through ``task.scores`` gets the mean probabilities."""
+
+    def __init__(self, members: list[nn.Module], task):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.task = task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.members]
+        mean = torch.stack([self.task.scores(o) for o in outs]).mean(0)
+        return self.task.logits(mean, outs[0].shape[1])
 
 
 # --------------------------------------------------------------------------------------------
