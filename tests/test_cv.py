@@ -149,3 +149,19 @@ def test_folds_trained_differently_are_refused(tmp_path):
 def test_cv_summary_of_one_fold_has_no_spread():
     s = cv_summary([{"best_val_qwk": 0.6, "best_epoch": 2, "epochs_run": 4}], "val_qwk")
     assert s["mean"] == 0.6 and s["sd"] == 0.0 and s["per_fold"][0]["best_val_qwk"] == 0.6
+
+
+def test_grad_cam_finds_the_layers_of_an_ensemble_seen_through_a_task_view():
+    """The trust sections explain a cross-validated multi-label or ordinal model through a binary
+    view of the ensemble: Grad-CAM must reach a member's last stage (it took the whole ensemble
+    for a layer, a map without pixels, and the evaluate stage failed)."""
+    from haven.trust.explain import attribution_maps, gradcam_layer
+    from haven.trust.multilabel import LabelView
+
+    task = get_task("multilabel")
+    members = [build_model("test_resnet", 3, weights=None, in_chans=1).eval() for _ in range(2)]
+    view = LabelView(Ensemble(members, task), 2, 0.5).eval()
+    layer = gradcam_layer(view)
+    assert any(layer is m for m in members[0].modules())
+    gc, ig, _ = attribution_maps(view, torch.randn(2, 1, 32, 32), np.array([1, 0]), layer, ig_steps=2)
+    assert gc.shape == (2, 32, 32) and ig.shape == (2, 32, 32)

@@ -137,11 +137,31 @@ class RepeatChannels(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying backbone model (without :class:`RepeatChannels`; of an :class:`Ensemble`, its
-    first member's: Grad-CAM then maps that network's part of the ensemble's output)."""
-    while isinstance(model, (RepeatChannels, Ensemble)):
-        model = model.model if isinstance(model, RepeatChannels) else model.members[0]
+    """The underlying backbone model (without :class:`RepeatChannels` or a :class:`ModelView`; of an
+    :class:`Ensemble`, its first member's: Grad-CAM then maps that network's part of the ensemble's
+    output)."""
+    while isinstance(model, (RepeatChannels, ModelView, Ensemble)):
+        model = model.members[0] if isinstance(model, Ensemble) else model.model
     return model
+
+
+class ModelView(nn.Module):
+    """A model seen as another (a task's binary clinical view: one finding, referable or not):
+    ``forward`` is the subclass's; attributes the view lacks (the backbone's stages, its
+    classifier) are looked up on the wrapped ``model``, and :func:`unwrap` sees through it, so
+    Grad-CAM and the randomization check find the network's layers."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(super().__getattr__("model"), name)
 
 
 class Ensemble(nn.Module):

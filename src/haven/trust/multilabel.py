@@ -34,6 +34,7 @@ import pandas as pd
 import torch  # this module loads inside the evaluate stage only (MultiLabel.evaluate imports it)
 from torch import nn
 
+from haven.learn.models import ModelView
 from haven.trust import classify, plots
 from haven.trust.calibration import calibration
 from haven.trust.context import Context, column, patient_clusters, read
@@ -45,15 +46,14 @@ from haven.trust.decision import view_probabilities
 TTA_METRICS = ("macro_roc_auc", "micro_roc_auc", "weighted_log_loss", "balanced_accuracy")
 
 
-class LabelView(nn.Module):
+class LabelView(ModelView):
     """One finding of the multi-label model as a two-class classifier: logits ``[-z/2, z/2]`` with
     ``z = logit_j - logit(threshold)``, so softmax gives the finding's probability re-centred at
     the threshold (argmax is the threshold's call) and both classes carry gradient.  Attributes it
     lacks (the backbone's stages) are looked up on the wrapped model, so Grad-CAM finds them."""
 
     def __init__(self, model: nn.Module, index: int, threshold: float):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.index = int(index)
         t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
         self.offset = float(np.log(t / (1 - t)))
@@ -62,13 +62,6 @@ class LabelView(nn.Module):
         z = self.model(x)[:, self.index].float() - self.offset
         return torch.stack([-z / 2, z / 2], 1)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(super().__getattr__("model"), name)
 
 
 def evaluate(ctx: Context, summary: str) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import torch  # this module loads inside the evaluate stage only (Ordinal.evaluate imports it)
 from torch import nn
 
+from haven.learn.models import ModelView
 from haven.trust import classify, plots
 from haven.trust.calibration import calibration
 from haven.trust.context import Context, patient_clusters
@@ -36,7 +37,7 @@ from haven.trust.ordinal_metrics import (VIEW_CLASSES, bootstrap_intervals, ordi
 TTA_METRICS = ("qwk", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc")
 
 
-class ReferableView(nn.Module):
+class ReferableView(ModelView):
     """The graded model as a two-class referable classifier: logits ``[-z/2, z/2]`` with
     ``z = logit P(grade >= cut) - logit(threshold)``, so softmax gives P(referable) back, argmax
     is the validation threshold's call, and each class's logit carries gradient (with ``[0, z]``
@@ -44,8 +45,7 @@ class ReferableView(nn.Module):
     its classifier) are looked up on the wrapped model, so Grad-CAM finds its layers."""
 
     def __init__(self, model: nn.Module, task, cut: int, threshold: float):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.task = task
         self.cut = int(cut)
         t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
@@ -56,13 +56,6 @@ class ReferableView(nn.Module):
         z = torch.logit(p) - self.offset
         return torch.stack([-z / 2, z / 2], 1)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(super().__getattr__("model"), name)
 
 
 def evaluate(ctx: Context, cut: int) -> dict:
