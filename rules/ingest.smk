@@ -7,7 +7,7 @@ rule demo_data:
     log:
         f"{R}/logs/demo_{{demo}}.log",
     wildcard_constraints:
-        demo="digits|brain-ct|digits-new|brain-ct-new",
+        demo="digits|brain-ct|retinopathy|digits-new|brain-ct-new|retinopathy-new",
     conda:
         "../envs/ingest.yaml"
     shell:

@@ -24,7 +24,7 @@ def digits(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def brain(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "brain-ct"
-    return out, demo.make_brain_ct(out)
+    return out, demo.make_brain_ct(out, n_patients=60)  # half the default: the counts below are for 60
 
 
 def _series(root: Path) -> dict[str, list[pydicom.Dataset]]:
@@ -187,24 +187,46 @@ def test_brain_ct_labels_balanced_and_not_confounded(brain):
         assert all(v == {"hemorrhage", "normal"} for v in by_group.values()), attr
 
 
+def test_brain_ct_label_table_has_the_rsna_layout(brain):
+    """``label`` as before; one 0/1 column per subtype and ``any`` = hemorrhage; 1-2 subtypes each."""
+    from haven.demolesions import SUBTYPES
+
+    out, summary = brain
+    with open(out / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["accession", "patient", "label", *SUBTYPES, "any"]
+    ids = {s[0].AccessionNumber: s[0].PatientID for s in _series(out).values()}
+    for r in rows:
+        flags = [int(r[s]) for s in SUBTYPES]
+        assert r["patient"] == ids[r["accession"]]
+        assert int(r["any"]) == (r["label"] == "hemorrhage") == (sum(flags) > 0)
+        assert sum(flags) <= 2
+    per_subtype = {s: sum(int(r[s]) for r in rows) for s in SUBTYPES}
+    assert per_subtype == summary["subtypes"] and min(per_subtype.values()) >= 5  # every subtype learnable
+
+
 def test_brain_ct_blob_is_visible(brain):
     """The hemorrhage is ~65-85 HU inside the brain and survives 512->64 downsampling in W80/L40."""
     out, _ = brain
     labels = _labels(out)
     series = _series(out)
+    with open(out / "labels.csv", newline="") as fh:
+        n_subtypes = {r["accession"]: sum(r[k] == "1" for k in list(r)[3:-1]) for r in csv.DictReader(fh)}
     with open(out / "lesions.csv", newline="") as fh:
         lesions = list(csv.DictReader(fh))
     positives = {a for a, v in labels.items() if v == "hemorrhage"}
     assert {r["accession"] for r in lesions} == positives
-    assert len(lesions) == 30 * 4  # on every slice of every positive patient
+    assert len(lesions) == 4 * sum(n_subtypes.values())  # every lesion on every slice of its patient
+    assert all(int(r["area_px"]) >= 150 for r in lesions)  # >= 2-3 pixels at 64 px, even a thin rim
+    blobs = [r for r in lesions if r["subtype"] == "intraparenchymal"]
     by_acc = {s[0].AccessionNumber: s for s in series.values()}
     negative = next(s for a, s in by_acc.items() if labels[a] == "normal")
     yy, xx = np.mgrid[0:512, 0:512]
-    for r in lesions:
+    for r in blobs:
         k = int(r["instance"]) - 1
         ds = by_acc[r["accession"]][k]
         a, b = float(r["semi_axis_a"]), float(r["semi_axis_b"])
-        assert 12 <= b <= a <= 40
+        assert 10 <= b <= a <= 40
         th = np.deg2rad(float(r["angle_deg"]))
         dy, dx = yy - float(r["row"]), xx - float(r["col"])
         u = (dy * np.cos(th) + dx * np.sin(th)) / a
@@ -214,9 +236,9 @@ def test_brain_ct_blob_is_visible(brain):
         neg = negative[k]
         hu_neg = pydicom.pixels.apply_modality_lut(neg.pixel_array, neg)
         assert 55 <= hu_pos[core].mean() <= 100
-        assert hu_pos[core].mean() > np.median(hu_neg[core]) + 20
+        assert hu_pos[core].mean() > np.median(hu_neg[(hu_neg > 20) & (hu_neg < 50)]) + 20  # above brain
     # downsampled brain window: the blob's 8x8 block is near white, clearly above the brain around it
-    r = lesions[0]
+    r = max(blobs, key=lambda r: float(r["semi_axis_b"]))
     ds = by_acc[r["accession"]][int(r["instance"]) - 1]
     hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     win = np.clip((hu - 0.0) / 80.0, 0, 1)
@@ -225,6 +247,35 @@ def test_brain_ct_blob_is_visible(brain):
     assert small[cy, cx] > 0.75
     brain_gray = np.median(win[(hu > 20) & (hu < 50)])
     assert small[cy, cx] - brain_gray > 0.25
+
+
+def test_brain_ct_subtypes_have_their_own_shape_and_place():
+    """Epidural/subdural hug the skull (the subdural thinner and longer), intraparenchymal sits deep,
+    intraventricular on the ventricle, subarachnoid on the brain's surface; all at blood density."""
+    from scipy import ndimage as ndi
+
+    from haven import demolesions as dl
+
+    base, _ = demo.base_slice()
+    m = dl.anatomy(base)
+    vy, vx = dl.VENTRICLE_RC
+    for seed in range(4):
+        drawn = {s: (dl.SHAPES[s](m, base.shape, np.random.default_rng(seed)) > 0.5) for s in dl.SUBTYPES}
+        for s, mask in drawn.items():
+            assert mask.sum() >= 150, s
+        bone = {s: m["bone_dist"][mask] for s, mask in drawn.items()}
+        assert np.median(bone["epidural"]) < 14 and np.median(bone["subdural"]) < 10
+        assert np.median(bone["intraparenchymal"]) > 20
+        assert np.median(m["brain_dist"][drawn["subarachnoid"]]) <= 3
+        rows, cols = np.nonzero(drawn["intraventricular"])
+        assert np.hypot(rows.mean() - vy, cols.mean() - vx) < 8
+        # thickness: the largest inscribed disc; the epidural lens is thicker than the subdural rim
+        thick = {s: ndi.distance_transform_edt(drawn[s]).max() for s in ("epidural", "subdural")}
+        assert thick["epidural"] > thick["subdural"]
+        lesion = {"subtype": "epidural", "weight": drawn["epidural"].astype(np.float32), "hu": 75.0}
+        after = base + dl.blood_delta(base, [lesion])
+        assert np.all(np.abs(after[drawn["epidural"] & (base < 100)] - 75.0) < 1e-3)
+        assert np.array_equal(after[base >= 100], base[base >= 100])  # bone is never painted
 
 
 def test_brain_ct_planted_bad_files(brain):

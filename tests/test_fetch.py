@@ -150,7 +150,7 @@ def pacs(tmp_path_factory):
     from haven.demo import make_brain_ct
 
     root = tmp_path_factory.mktemp("pacs")
-    make_brain_ct(root / "demo")
+    make_brain_ct(root / "demo", n_patients=60)
     server = orthanc.start(root / "orthanc")
     try:
         stored = server.load(sorted((root / "demo" / "dicom").rglob("*.dcm")))

@@ -39,7 +39,7 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def brain(tmp_path_factory):
     root = tmp_path_factory.mktemp("brain")
-    demo.make_brain_ct(root / "demo")
+    demo.make_brain_ct(root / "demo", n_patients=60)
     summary = ingest(root / "demo" / "dicom", root / "ingest", labels=root / "demo" / "labels.csv",
                      label_key="accession")
     return root / "demo", root / "ingest", summary

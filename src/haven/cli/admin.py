@@ -19,10 +19,11 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from haven import demo, demonew
+    from haven import demo, demonew, demoretina
 
     makers = {"digits": demo.make_digits, "brain-ct": demo.make_brain_ct,
-              "digits-new": demonew.make_digits_new, "brain-ct-new": demonew.make_brain_ct_new}
+              "digits-new": demonew.make_digits_new, "brain-ct-new": demonew.make_brain_ct_new,
+              "retinopathy": demoretina.make_retinopathy, "retinopathy-new": demoretina.make_retinopathy_new}
     summary = makers[args.name](Path(args.out), seed=args.seed)
     # counts only: the demo's details (sites, names) are the kind of PHI a log must not carry
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
@@ -60,7 +61,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("demo", help="generate a demo dataset from packages (no download); *-new: held-back, "
                                     "unlabeled new patients for the predict DAG")
-    p.add_argument("name", choices=["digits", "brain-ct", "digits-new", "brain-ct-new"])
+    p.add_argument("name", choices=["digits", "brain-ct", "digits-new", "brain-ct-new", "retinopathy",
+                                    "retinopathy-new"])
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
