@@ -72,6 +72,10 @@ def test_models_learn(demo):
     assert digits["accuracy"] > 0.6  # chance is ~0.1
     ct = json.loads((work / "results/brain-ct/evaluate/metrics.json").read_text())
     assert ct["n"] > 0 and ct["roc_auc"] is not None
+    subtypes = json.loads((work / "results/brain-ct-subtypes/evaluate/metrics.json").read_text())
+    assert subtypes["macro_roc_auc"] is not None and subtypes["weighted_log_loss"] > 0
+    retina = json.loads((work / "results/retinopathy/evaluate/metrics.json").read_text())
+    assert retina["qwk"] is not None and retina["ci"]["qwk"][0] <= retina["qwk"] <= retina["ci"]["qwk"][1]
 
 
 def test_mlflow_has_tune_and_train_runs_per_project(demo):
@@ -83,13 +87,21 @@ def test_mlflow_has_tune_and_train_runs_per_project(demo):
         exp = client.get_experiment_by_name(f"haven-{name}")
         runs = client.search_runs([exp.experiment_id])
         stages = [r.data.tags.get("haven.stage") for r in runs]
-        assert stages.count("train") == 1 and stages.count("tune") >= 1
-        train = next(r for r in runs if r.data.tags.get("haven.stage") == "train")
+        folds = conf["projects"][name].get("cv", {}).get("folds", 0)
+        assert stages.count("train") == max(folds, 1) and stages.count("tune") >= 1
+        # the project's model: its train run, or a cross-validated project's ensemble run
+        final = client.get_run(json.loads((work / "results" / name / "train" / "run.json").read_text())["mlflow_run_id"])
+        assert final.data.tags["haven.stage"] == ("ensemble" if folds else "train")
         tune = next(r for r in runs if r.data.tags.get("haven.stage") == "tune" and "mlflow.parentRunId" not in r.data.tags)
-        assert "test_accuracy" in train.data.metrics and "best_val_balanced_accuracy" in train.data.metrics
-        assert train.data.tags["haven.tune_run_id"] == tune.info.run_id
+        assert "test_balanced_accuracy" in final.data.metrics
+        assert any(k.startswith("best_val_") for k in final.data.metrics)
+        assert final.data.tags["haven.tune_run_id"] == tune.info.run_id
         for tag in ("haven.config_hash", "haven.data_manifest_hash", "haven.git_commit", "haven.snakemake_rule"):
-            assert train.data.tags.get(tag), tag
+            assert final.data.tags.get(tag), tag
+        if folds:  # the fold runs are the ensemble's children, one per fold
+            fold_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == final.info.run_id]
+            assert sorted(r.data.tags["haven.fold"] for r in fold_runs) == [str(k) for k in range(folds)]
+            assert f"cv_{next(k[5:] for k in final.data.metrics if k.startswith('best_val_'))}_sd" in final.data.metrics
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
         assert len(children) == conf["projects"][name]["tune"]["num_samples"]
 
