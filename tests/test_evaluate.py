@@ -10,6 +10,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
 from torch import nn
 
 from haven.config import section_defaults
+from tinyproject import evaluate_all, save_model, train_briefly
 from haven.trust import evaluate as ev
 from haven.trust.calibration import calibration, expected_calibration_error
 from haven.trust.explain import (attribution_maps, randomization_test, randomized_copy, rank_similarity,
@@ -379,8 +380,6 @@ def make_tiny_project(root: Path, train_steps: int = 25) -> Path:
     """results/<project> with preprocess/{test,val}.zarr and train/model.pt of timm's tiny test_resnet
     trained briefly on the square task. Subgroups sex and site; age band is not carried. On the
     test split the men's images show no square: the model cannot see them (a subgroup it fails)."""
-    from haven.learn.models import build_model
-
     classes = ["left", "right"]
     pre = root / "preprocess"
     pre.mkdir(parents=True)
@@ -395,24 +394,9 @@ def make_tiny_project(root: Path, train_steps: int = 25) -> Path:
             men = cols["sex"] == "M"
             x[men] = np.random.default_rng(1).integers(0, 60, x[men].shape)
         make_split(pre / f"{name}.zarr", x, y, classes, cols, mean, std)
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread beats two on a busy 2-core machine
-    model = build_model("test_resnet", 2, weights=None, in_chans=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ytr = np.tile([0, 1], 16)
-    xtr = (torch.from_numpy(square_images(ytr, seed=9)).float() / 255 - 0.3) / 0.3
-    model.train()
-    for _ in range(train_steps):
-        loss = nn.functional.cross_entropy(model(xtr), torch.from_numpy(ytr))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    torch.set_num_threads(threads)
-    (root / "train").mkdir()
-    torch.save({"state_dict": model.state_dict(), "backbone": "test_resnet", "classes": classes, "in_chans": 1,
-                "size": 24, "mean": mean, "std": std, "hparams": {}, "best_epoch": 0}, root / "train" / "model.pt")
+    model = train_briefly(square_images(ytr, seed=9), ytr, nn.functional.cross_entropy, 2, train_steps)
+    save_model(root, model, classes, mean, std)
     return root
 
 
@@ -427,14 +411,7 @@ def tiny_evaluated(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny project, evaluated once per test session (test_report.py builds its page on it)."""
     if not _TINY:
         root = make_tiny_project(tmp_path_factory.mktemp("tiny") / "proj")
-        out = root / "evaluate"
-        # the file names the rule gives (test_report.py reads the plots under these names)
-        outputs = ev.Outputs(metrics=out / "metrics.json", subgroups_table=out / "subgroups.csv",
-                             predictions=out / "predictions.npz", explain_maps=out / "explain.npz",
-                             plots={kind: out / f"{kind}.png" for kind in ev.PLOT_KINDS})
-        metrics = ev.evaluate(root / "train" / "model.pt", root / "preprocess" / "test.zarr",
-                              root / "preprocess" / "val.zarr", outputs,
-                              settings={**section_defaults("evaluate"), **FAST}, task="classification", seed=1)
+        metrics = evaluate_all(root, {**section_defaults("evaluate"), **FAST}, "classification", seed=1)
         _TINY.update(root=root, metrics=metrics)
     return _TINY["root"], _TINY["metrics"]
 

@@ -13,6 +13,7 @@ import torch
 import zarr
 from sklearn.metrics import log_loss, roc_auc_score
 from test_evaluate import FAST
+from tinyproject import evaluate_all, save_model, train_briefly
 
 from haven.config import section_defaults
 from haven.learn.tasks import get_task
@@ -245,47 +246,24 @@ def test_one_epoch_of_fit(tmp_path):
 
 
 def _tiny(root: Path, steps: int = 40) -> Path:
-    from haven.learn.models import build_model
-
     pre = root / "preprocess"
     pre.mkdir(parents=True)
     store(pre / "test.zarr", 48, 2)
     store(pre / "val.zarr", 32, 3)
     task = MultiLabel()
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = build_model("test_resnet", 3, weights=None, in_chans=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ytr = labels_for(48)
-    xtr = (torch.from_numpy(squares(ytr, seed=9)).float() / 255 - 0.3) / 0.3
     loss_fn = task.loss(ytr, FINDINGS, {"balance": "loss"})
-    model.train()
-    for _ in range(steps):
-        loss = loss_fn(model(xtr), torch.from_numpy(ytr))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    torch.set_num_threads(threads)
-    (root / "train").mkdir()
-    torch.save({"state_dict": model.state_dict(), "backbone": "test_resnet", "classes": FINDINGS, "in_chans": 1,
-                "size": 24, "mean": [0.3], "std": [0.3], "hparams": {}, "best_epoch": 0, "task": "multilabel",
-                "task_options": {"summary_label": None}}, root / "train" / "model.pt")
+    model = train_briefly(squares(ytr, seed=9), ytr, loss_fn, 3, steps)
+    save_model(root, model, FINDINGS, task="multilabel", task_options={"summary_label": None})
     return root
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     root = _tiny(tmp_path_factory.mktemp("multilabel") / "proj")
-    out = root / "evaluate"
-    outputs = ev.Outputs(metrics=out / "metrics.json", subgroups_table=out / "subgroups.csv",
-                         predictions=out / "predictions.npz", explain_maps=out / "explain.npz",
-                         plots={kind: out / f"{kind}.png" for kind in ev.PLOT_KINDS})
     settings = {**section_defaults("evaluate"), **FAST, "positive_label": None, "bootstrap": 100}
-    metrics = ev.evaluate(root / "train" / "model.pt", root / "preprocess" / "test.zarr",
-                          root / "preprocess" / "val.zarr", outputs, settings=settings, task="multilabel", seed=1,
-                          tta={"enabled": True, "hflip": True}, task_options={"summary_label": None})
+    metrics = evaluate_all(root, settings, "multilabel", seed=1, tta={"enabled": True, "hflip": True},
+                           task_options={"summary_label": None})
     return root, metrics
 
 

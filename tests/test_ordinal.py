@@ -13,6 +13,7 @@ import torch
 import zarr
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from test_evaluate import FAST, make_split
+from tinyproject import evaluate_all, save_model, train_briefly
 
 from haven.config import section_defaults
 from haven.learn.tasks import get_task
@@ -222,48 +223,25 @@ def test_both_heads_train_through_fit(tmp_path, method, width):
 # the evaluate stage end to end, and the rows a prediction writes
 def _tiny_ordinal(root: Path, steps: int = 40) -> Path:
     """preprocess/{test,val}.zarr with 4 grades and a test_resnet trained briefly with CORN."""
-    from haven.learn.models import build_model
-
     pre = root / "preprocess"
     pre.mkdir(parents=True)
     _store(pre / "test.zarr", 40, 2)
     _store(pre / "val.zarr", 24, 3)
     task = Ordinal({"grades": 4, "referable": 2})
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = build_model("test_resnet", 3, weights=None, in_chans=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ytr = np.arange(48) % 4
-    xtr = (torch.from_numpy(graded_images(ytr, seed=9)).float() / 255 - 0.3) / 0.3
     loss_fn = task.loss(ytr, ["0", "1", "2", "3"], {"balance": "none"})
-    model.train()
-    for _ in range(steps):
-        loss = loss_fn(model(xtr), torch.from_numpy(ytr))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    torch.set_num_threads(threads)
-    (root / "train").mkdir()
-    torch.save({"state_dict": model.state_dict(), "backbone": "test_resnet", "classes": ["0", "1", "2", "3"],
-                "in_chans": 1, "size": 24, "mean": [0.3], "std": [0.3], "hparams": {}, "best_epoch": 0,
-                "task": "ordinal", "task_options": {"grades": 4, "method": "corn", "referable": 2}},
-               root / "train" / "model.pt")
+    model = train_briefly(graded_images(ytr, seed=9), ytr, loss_fn, 3, steps)
+    save_model(root, model, ["0", "1", "2", "3"], task="ordinal",
+               task_options={"grades": 4, "method": "corn", "referable": 2})
     return root
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     root = _tiny_ordinal(tmp_path_factory.mktemp("ordinal") / "proj")
-    out = root / "evaluate"
-    outputs = ev.Outputs(metrics=out / "metrics.json", subgroups_table=out / "subgroups.csv",
-                         predictions=out / "predictions.npz", explain_maps=out / "explain.npz",
-                         plots={kind: out / f"{kind}.png" for kind in ev.PLOT_KINDS})
     settings = {**section_defaults("evaluate"), **FAST, "positive_label": None, "bootstrap": 100}
-    metrics = ev.evaluate(root / "train" / "model.pt", root / "preprocess" / "test.zarr",
-                          root / "preprocess" / "val.zarr", outputs, settings=settings, task="ordinal", seed=1,
-                          tta={"enabled": True, "hflip": True}, task_options={"grades": 4, "referable": 2})
+    metrics = evaluate_all(root, settings, "ordinal", seed=1, tta={"enabled": True, "hflip": True},
+                           task_options={"grades": 4, "referable": 2})
     return root, metrics
 
 

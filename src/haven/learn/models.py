@@ -96,53 +96,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------------------------
-# wrapper for fewer input channels
-
-
-class RepeatChannels(nn.Module):
-    """Feed an ``in_chans``-channel input (1 or 2) to a 3-channel model by repeating channels.
-
-    Attributes the wrapper lacks (``reset_classifier``, ``pretrained_cfg``, ``blocks`` ...) are
-    looked up on the wrapped ``model``.
-    """
-
-    def __init__(self, model: nn.Module, in_chans: int, out_chans: int = 3):
-        super().__init__()
-        if not 1 <= in_chans < out_chans:
-            raise ValueError(f"RepeatChannels needs 1 <= in_chans < {out_chans}, got {in_chans}")
-        self.model = model
-        self.in_chans = in_chans
-        self.out_chans = out_chans
-        self.index = [i % in_chans for i in range(out_chans)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channel(s), got input of shape {tuple(x.shape)}")
-        if self.in_chans == 1:
-            x = x.expand(-1, self.out_chans, -1, -1)
-        else:
-            x = x[:, self.index]
-        return self.model(x)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(super().__getattr__("model"), name)
-
-    def extra_repr(self) -> str:
-        return f"in_chans={self.in_chans}, index={self.index}"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying backbone model (without :class:`RepeatChannels` or a :class:`ModelView`; of an
-    :class:`Ensemble`, its first member's: Grad-CAM then maps that network's part of the ensemble's
-    output)."""
-    while isinstance(model, (RepeatChannels, ModelView, Ensemble)):
-        model = model.members[0] if isinstance(model, Ensemble) else model.model
-    return model
+# views of a model: fewer input channels (RepeatChannels), a task's binary view (trust.multilabel, trust.ordinal)
 
 
 class ModelView(nn.Module):
@@ -162,6 +116,43 @@ class ModelView(nn.Module):
             if name == "model":
                 raise
             return getattr(super().__getattr__("model"), name)
+
+
+class RepeatChannels(ModelView):
+    """Feed an ``in_chans``-channel input (1 or 2) to a 3-channel model by repeating channels.
+
+    Attributes the wrapper lacks (``reset_classifier``, ``pretrained_cfg``, ``blocks`` ...) are
+    looked up on the wrapped ``model``.
+    """
+
+    def __init__(self, model: nn.Module, in_chans: int, out_chans: int = 3):
+        if not 1 <= in_chans < out_chans:
+            raise ValueError(f"RepeatChannels needs 1 <= in_chans < {out_chans}, got {in_chans}")
+        super().__init__(model)
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.index = [i % in_chans for i in range(out_chans)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channel(s), got input of shape {tuple(x.shape)}")
+        if self.in_chans == 1:
+            x = x.expand(-1, self.out_chans, -1, -1)
+        else:
+            x = x[:, self.index]
+        return self.model(x)
+
+    def extra_repr(self) -> str:
+        return f"in_chans={self.in_chans}, index={self.index}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying backbone model (through a :class:`ModelView` such as :class:`RepeatChannels`; of an
+    :class:`Ensemble`, its first member's: Grad-CAM then maps that network's part of the ensemble's
+    output)."""
+    while isinstance(model, (ModelView, Ensemble)):
+        model = model.members[0] if isinstance(model, Ensemble) else model.model
+    return model
 
 
 class Ensemble(nn.Module):

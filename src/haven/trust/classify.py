@@ -15,7 +15,8 @@ import numpy as np
 
 from haven.trust import plots
 from haven.trust.calibration import calibration
-from haven.trust.context import Context, column, patient_clusters, put_scalar, read, safe_name
+from haven.trust.context import (Context, column, patient_clusters, put_scalar, read, safe_name, save_predictions,
+                                 tta_comparison)
 from haven.trust.explain import attribution_maps, gradcam_layer, randomization_test, select_examples
 from haven.trust.metrics import bootstrap_ci, positive_index
 from haven.trust.robustness import robustness, stratified_subsample
@@ -34,7 +35,7 @@ def evaluate(ctx: Context) -> dict:
     metrics = _performance(task, test, y, probs, classes, s, pos, ctx.seed)
     lap("metrics")
     if ctx.tta and ctx.tta.get("enabled"):
-        metrics["tta"] = _tta(model, test, task, ctx.tta, y, classes, s, metrics)
+        metrics["tta"] = tta_comparison(ctx, lambda scores: task.metrics(y, scores, classes, s), metrics, TTA_METRICS)
         lap("tta")
 
     val = ctx.predict(ctx.val) if ctx.val is not None else None
@@ -55,11 +56,7 @@ def evaluate(ctx: Context) -> dict:
     lap("robustness")
 
     _figures(ctx.outputs.plots, metrics, y, probs, classes, pos, s, scaled, pixel=float(test.std.mean()))
-    if ctx.outputs.predictions is not None:
-        save = {"probs": probs, "labels": y}
-        if scaled is not None:
-            save["probs_temperature_scaled"] = scaled
-        np.savez_compressed(ctx.outputs.predictions, **save)
+    save_predictions(ctx.outputs.predictions, probs, y, scaled)
     lap("plots")
     return metrics
 
@@ -95,28 +92,6 @@ def _decision(val, classes: list[str], pos: int, temperature: float | None) -> d
 
 # the test metrics compared with and without test-time augmentation
 TTA_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc")
-
-
-def _tta(model, test, task, spec: dict, y: np.ndarray, classes: list[str], s: dict, plain: dict) -> dict:
-    """The test metrics of the TTA-averaged probabilities beside the plain ones (``with``,
-    ``without``, ``delta`` per metric) and the views averaged."""
-    import torch
-
-    from haven.learn import tta
-    from haven.learn.data import normalize
-
-    out = []
-    with torch.inference_mode():
-        for x, _ in test.batches(128, shuffle=False):
-            out.append(tta.scores(model, normalize(x, test.mean, test.std), task, spec).numpy())
-    probs = np.concatenate(out)
-    with_tta = task.metrics(y, probs, classes, s)
-    record: dict = {"views": tta.views(spec), "shift": int(spec.get("shift") or 0)}
-    for k in TTA_METRICS:
-        a, b = plain.get(k), with_tta.get(k)
-        record[k] = {"without": a, "with": b,
-                     "delta": b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None}
-    return record
 
 
 def _performance(task, test, y: np.ndarray, probs: np.ndarray, classes: list[str], s: dict, pos: int,

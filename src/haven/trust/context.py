@@ -130,3 +130,37 @@ def put_scalar(out: dict[str, float], name: str, v) -> None:
 def safe_name(name: str) -> str:
     """A class or label name as an MLflow metric key part."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def tta_comparison(ctx: Context, metrics_of, plain: dict, keys: tuple[str, ...]) -> dict:
+    """Test-time augmentation's effect: ``metrics_of(scores)`` of the TTA-averaged test scores
+    beside the ``plain`` metrics (``with``, ``without``, ``delta`` per key of ``keys``) and the
+    views averaged (``ctx.tta``: the project's section)."""
+    import torch
+
+    from haven.learn import tta
+    from haven.learn.data import normalize
+
+    test, out = ctx.test, []
+    with torch.inference_mode():
+        for x, _ in test.batches(128, shuffle=False):
+            out.append(tta.scores(ctx.model, normalize(x, test.mean, test.std), ctx.task, ctx.tta).numpy())
+    with_tta = metrics_of(np.concatenate(out))
+    record: dict = {"views": tta.views(ctx.tta), "shift": int(ctx.tta.get("shift") or 0)}
+    for k in keys:
+        a, b = plain.get(k), with_tta.get(k)
+        record[k] = {"without": a, "with": b,
+                     "delta": b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None}
+    return record
+
+
+def save_predictions(path: Path | None, probs: np.ndarray, labels: np.ndarray, scaled: np.ndarray | None,
+                     **extra: np.ndarray) -> None:
+    """The test split's scores and targets (and the temperature-scaled scores) as ``.npz``, when a
+    path is given."""
+    if path is None:
+        return
+    save = {"probs": probs, "labels": labels, **extra}
+    if scaled is not None:
+        save["probs_temperature_scaled"] = scaled
+    np.savez_compressed(path, **save)

@@ -152,6 +152,17 @@ def replicate_metrics(y: np.ndarray, probs: np.ndarray, weights: np.ndarray, pos
     return out
 
 
+def percentile_interval(v: np.ndarray, level: float, resamples: int) -> list[float] | None:
+    """The percentile interval ``[low, high]`` of the finite bootstrap replicates ``v``; None when
+    fewer than half of the ``resamples`` define the metric."""
+    v = v[np.isfinite(v)]
+    if len(v) < max(1, resamples // 2):
+        return None
+    a = (1 - level) / 2
+    lo, hi = np.percentile(v, [100 * a, 100 * (1 - a)])
+    return [float(lo), float(hi)]
+
+
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, classes: list[str], n_resamples: int = 500,
                  level: float = 0.95, clusters: np.ndarray | None = None, seed: int = 0,
                  positive: int | None = None) -> dict:
@@ -165,14 +176,9 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, classes: list[str], n_resampl
     pos = positive_index(classes, None) if positive is None else positive
     w = bootstrap_weights(len(y), n_resamples, clusters, seed)
     reps = replicate_metrics(np.asarray(y), np.asarray(probs), w, pos)
-    a = (1 - level) / 2
 
     def ci(v: np.ndarray) -> list[float] | None:
-        v = v[np.isfinite(v)]
-        if len(v) < max(1, n_resamples // 2):
-            return None
-        lo, hi = np.percentile(v, [100 * a, 100 * (1 - a)])
-        return [float(lo), float(hi)]
+        return percentile_interval(v, level, n_resamples)
 
     out = {name: ci(reps[name]) for name in ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc")}
     out["per_class"] = {c: {"sensitivity": ci(reps[f"sensitivity/{i}"]),

@@ -37,7 +37,7 @@ from torch import nn
 from haven.learn.models import ModelView
 from haven.trust import classify, plots
 from haven.trust.calibration import calibration
-from haven.trust.context import Context, column, patient_clusters, read
+from haven.trust.context import Context, column, patient_clusters, read, save_predictions, tta_comparison
 from haven.trust.multilabel_metrics import (bootstrap_intervals, multilabel_metrics, scale_binary, tables,
                                             view_classes)
 from haven.trust.decision import view_probabilities
@@ -82,7 +82,8 @@ def evaluate(ctx: Context, summary: str) -> dict:
                                             patient_clusters(test), ctx.seed)
     lap("metrics")
     if ctx.tta and ctx.tta.get("enabled"):
-        metrics["tta"] = _tta(ctx, y, classes, t, metrics)
+        metrics["tta"] = tta_comparison(ctx, lambda scores: multilabel_metrics(y, scores, classes, t), metrics,
+                                        TTA_METRICS)
         lap("tta")
     metrics["calibration"] = {**cals[summary], "label": summary}
     metrics["calibration_per_label"] = cals
@@ -104,11 +105,7 @@ def evaluate(ctx: Context, summary: str) -> dict:
     lap("robustness")
 
     _figures(ctx, metrics, y, p, scaled, t)
-    if ctx.outputs.predictions is not None:
-        save = {"probs": p, "labels": y}
-        if scaled is not None:
-            save["probs_temperature_scaled"] = scaled
-        np.savez_compressed(ctx.outputs.predictions, **save)
+    save_predictions(ctx.outputs.predictions, p, y, scaled)
     metrics["tables"] = tables(metrics)
     lap("plots")
     return metrics
@@ -225,24 +222,6 @@ def label_gradcam(ctx: Context, y: np.ndarray, p: np.ndarray, t: list[float], pa
     if path is not None:
         plots.plot_label_gradcam(raw, gc, entries, classes, path, per, dict(test.group.attrs).get("mode"))
     return {c: sum(e[0] == j for e in entries) for j, c in enumerate(classes)}
-
-
-def _tta(ctx: Context, y: np.ndarray, classes: list[str], t: list[float], plain: dict) -> dict:
-    """The headline metrics of the TTA-averaged probabilities beside the plain ones."""
-    from haven.learn import tta
-    from haven.learn.data import normalize
-
-    test, out = ctx.test, []
-    with torch.inference_mode():
-        for x, _ in test.batches(128, shuffle=False):
-            out.append(tta.scores(ctx.model, normalize(x, test.mean, test.std), ctx.task, ctx.tta).numpy())
-    with_tta = multilabel_metrics(y, np.concatenate(out), classes, t)
-    record: dict = {"views": tta.views(ctx.tta), "shift": int(ctx.tta.get("shift") or 0)}
-    for k in TTA_METRICS:
-        a, b = plain.get(k), with_tta.get(k)
-        record[k] = {"without": a, "with": b,
-                     "delta": b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None}
-    return record
 
 
 def _figures(ctx: Context, metrics: dict, y: np.ndarray, p: np.ndarray, scaled: np.ndarray | None,

@@ -21,7 +21,8 @@ import warnings
 import numpy as np
 
 from haven.trust.context import put_scalar, safe_name
-from haven.trust.metrics import bootstrap_weights, replicate_metrics, weighted_auc, weighted_average_precision
+from haven.trust.metrics import (bootstrap_weights, percentile_interval, replicate_metrics, weighted_auc,
+                                 weighted_average_precision)
 
 ANY_WEIGHT = 2.0  # the RSNA challenge's weight of `any`; every other finding weighs 1
 
@@ -129,17 +130,6 @@ def sorted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) ->
         return np.where(den > 0, num / den, np.nan)
 
 
-def _interval(v: np.ndarray, level: float, resamples: int) -> list[float] | None:
-    """Percentile interval of the finite replicates; None when fewer than half define the metric
-    (the rule of :func:`haven.trust.metrics.bootstrap_ci`)."""
-    v = v[np.isfinite(v)]
-    if len(v) < max(1, resamples // 2):
-        return None
-    a = (1 - level) / 2
-    lo, hi = np.percentile(v, [100 * a, 100 * (1 - a)])
-    return [float(lo), float(hi)]
-
-
 def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample defining no finding: NaN
@@ -165,19 +155,19 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, classes: list[str], thresh
         if 0 < yj.sum() < n:
             auc[:, j] = weighted_auc(p[:, j], yj == 1, w)
             ap[:, j] = weighted_average_precision(p[:, j], yj == 1, w)
-        per[c] = {"sensitivity": _interval(hard["sensitivity/1"], level, resamples),
-                  "specificity": _interval(hard["specificity/1"], level, resamples),
-                  "roc_auc": _interval(auc[:, j], level, resamples), "pr_auc": _interval(ap[:, j], level, resamples)}
+        per[c] = {"sensitivity": percentile_interval(hard["sensitivity/1"], level, resamples),
+                  "specificity": percentile_interval(hard["specificity/1"], level, resamples),
+                  "roc_auc": percentile_interval(auc[:, j], level, resamples), "pr_auc": percentile_interval(ap[:, j], level, resamples)}
     lw = label_weights(classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         wll = (w @ per_sample_log_loss(y, p)) / w.sum(1, keepdims=True) @ lw / lw.sum()
     micro = sorted_auc(p.ravel(), y.ravel() == 1, np.repeat(w, k, axis=1))  # column i*k+j: image i's weight
     macro = _nanmean(auc, 1)
-    out = {"macro_roc_auc": _interval(macro, level, resamples), "micro_roc_auc": _interval(micro, level, resamples),
-           "weighted_log_loss": _interval(wll, level, resamples),
-           "pr_auc": _interval(_nanmean(ap, 1), level, resamples),
-           "balanced_accuracy": _interval(_nanmean(np.stack(ba, 1), 1), level, resamples),
-           "accuracy": _interval(_nanmean(np.stack(acc, 1), 1), level, resamples), "per_class": per}
+    out = {"macro_roc_auc": percentile_interval(macro, level, resamples), "micro_roc_auc": percentile_interval(micro, level, resamples),
+           "weighted_log_loss": percentile_interval(wll, level, resamples),
+           "pr_auc": percentile_interval(_nanmean(ap, 1), level, resamples),
+           "balanced_accuracy": percentile_interval(_nanmean(np.stack(ba, 1), 1), level, resamples),
+           "accuracy": percentile_interval(_nanmean(np.stack(acc, 1), 1), level, resamples), "per_class": per}
     out["roc_auc"] = out["macro_roc_auc"]
     unit = "patient" if clusters is not None and len(np.unique(clusters)) < n else "image"
     out.update(resamples=int(resamples), level=float(level), unit=unit)

@@ -28,7 +28,7 @@ from torch import nn
 from haven.learn.models import ModelView
 from haven.trust import classify, plots
 from haven.trust.calibration import calibration
-from haven.trust.context import Context, patient_clusters
+from haven.trust.context import Context, patient_clusters, save_predictions, tta_comparison
 from haven.trust.decision import view_probabilities
 from haven.trust.ordinal_metrics import (VIEW_CLASSES, bootstrap_intervals, ordinal_metrics, referable_probability,
                                          tables)
@@ -73,7 +73,8 @@ def evaluate(ctx: Context, cut: int) -> dict:
                                             patient_clusters(test), ctx.seed)
     lap("metrics")
     if ctx.tta and ctx.tta.get("enabled"):
-        metrics["tta"] = _tta(ctx, y, cut, decision["threshold"], metrics)
+        metrics["tta"] = tta_comparison(ctx, lambda scores: ordinal_metrics(y, scores, cut, decision["threshold"]),
+                                        metrics, TTA_METRICS)
         lap("tta")
 
     cal, scaled = calibration(scores, y, int(s["calibration_bins"]), val if s["temperature_scaling"] else None)
@@ -101,11 +102,7 @@ def evaluate(ctx: Context, cut: int) -> dict:
     lap("robustness")
 
     _figures(ctx, metrics, y, scores, y2, p2, scaled)
-    if ctx.outputs.predictions is not None:
-        save = {"probs": scores, "labels": y, "p_referable": p2}
-        if scaled is not None:
-            save["probs_temperature_scaled"] = scaled
-        np.savez_compressed(ctx.outputs.predictions, **save)
+    save_predictions(ctx.outputs.predictions, scores, y, scaled, p_referable=p2)
     metrics["tables"] = tables(metrics)
     lap("plots")
     return metrics
@@ -131,24 +128,6 @@ def _decision(val, cut: int) -> dict:
                    + (f", the cut-off with the largest sensitivity + specificity on the validation split "
                       f"(n = {out['val_n']}), never on the test split." if out["chosen_on"] else "."))
     return out
-
-
-def _tta(ctx: Context, y: np.ndarray, cut: int, threshold: float | None, plain: dict) -> dict:
-    """The headline metrics of the TTA-averaged grade probabilities beside the plain ones."""
-    from haven.learn import tta
-    from haven.learn.data import normalize
-
-    test, out = ctx.test, []
-    with torch.inference_mode():
-        for x, _ in test.batches(128, shuffle=False):
-            out.append(tta.scores(ctx.model, normalize(x, test.mean, test.std), ctx.task, ctx.tta).numpy())
-    with_tta = ordinal_metrics(y, np.concatenate(out), cut, threshold)
-    record: dict = {"views": tta.views(ctx.tta), "shift": int(ctx.tta.get("shift") or 0)}
-    for k in TTA_METRICS:
-        a, b = plain.get(k), with_tta.get(k)
-        record[k] = {"without": a, "with": b,
-                     "delta": b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None}
-    return record
 
 
 def _figures(ctx: Context, metrics: dict, y: np.ndarray, scores: np.ndarray, y2: np.ndarray, p2: np.ndarray,

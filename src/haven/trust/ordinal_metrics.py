@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 
 from haven.trust.context import put_scalar
-from haven.trust.metrics import bootstrap_ci, bootstrap_weights, compute_metrics, replicate_metrics
+from haven.trust.metrics import (bootstrap_ci, bootstrap_weights, compute_metrics, percentile_interval,
+                                 replicate_metrics)
 
 VIEW_CLASSES = ["not referable", "referable"]
 
@@ -98,17 +99,6 @@ def grade_replicates(y: np.ndarray, pred: np.ndarray, weights: np.ndarray, k: in
     return {"qwk": qwk, "mae": mae}
 
 
-def _interval(v: np.ndarray, level: float, resamples: int) -> list[float] | None:
-    """Percentile interval of the finite replicates; None when fewer than half define the metric
-    (the rule of :func:`haven.trust.metrics.bootstrap_ci`)."""
-    v = v[np.isfinite(v)]
-    if len(v) < max(1, resamples // 2):
-        return None
-    a = (1 - level) / 2
-    lo, hi = np.percentile(v, [100 * a, 100 * (1 - a)])
-    return [float(lo), float(hi)]
-
-
 def bootstrap_intervals(y: np.ndarray, scores: np.ndarray, cut: int, threshold: float, resamples: int,
                         level: float, clusters: np.ndarray | None, seed: int) -> dict:
     """Percentile intervals of every headline metric from one set of patient-level (cluster)
@@ -121,9 +111,9 @@ def bootstrap_intervals(y: np.ndarray, scores: np.ndarray, cut: int, threshold: 
     pred = grade(scores)
     w = bootstrap_weights(len(y), resamples, clusters, seed)
     reps = {**replicate_metrics(y, np.eye(k)[pred], w, 1), **grade_replicates(y, pred, w, k)}
-    out = {m: _interval(reps[m], level, resamples) for m in ("qwk", "mae", "accuracy", "balanced_accuracy")}
-    out["per_class"] = {str(g): {"sensitivity": _interval(reps[f"sensitivity/{g}"], level, resamples),
-                                 "specificity": _interval(reps[f"specificity/{g}"], level, resamples)}
+    out = {m: percentile_interval(reps[m], level, resamples) for m in ("qwk", "mae", "accuracy", "balanced_accuracy")}
+    out["per_class"] = {str(g): {"sensitivity": percentile_interval(reps[f"sensitivity/{g}"], level, resamples),
+                                 "specificity": percentile_interval(reps[f"specificity/{g}"], level, resamples)}
                         for g in range(k)}
     y2, p2 = (y >= cut).astype(np.int64), referable_probability(scores, cut)
     view = bootstrap_ci(y2, np.stack([1 - p2, p2], 1), VIEW_CLASSES, resamples, level, clusters, seed, 1)
