@@ -1,10 +1,12 @@
 """The Task interface: what differs between learning tasks, in one object per task.
 
 A Task owns the label encoding (manifest label column → the targets preprocess stores), the
-head's width and the loss, how logits become scores, the validation metrics that early stopping
-and the tuner watch, the test metrics, the columns of a predictions table and the report
-sections that apply.  The stages (preprocess, train, tune, evaluate, report) ask the project's
-Task and never branch on its name.  A new task is a new module in this package, registered in
+head's width and the loss, how logits become scores (and back, for an ensemble), the validation
+metrics that early stopping and the tuner watch, the whole evaluation (its module in
+:mod:`haven.trust`: metrics, calibration, bias, explanations and robustness adapted to what it
+predicts, and the report's tables), and the rows of a predictions table.  The stages
+(preprocess, train, tune, evaluate, report, predict) ask the project's Task and never branch on
+its name.  A new task is a new module in this package, registered in
 ``haven.learn.tasks.TASKS``.
 """
 
@@ -25,8 +27,6 @@ class Task(ABC):
     # the validation metric (a key of val_metrics, higher is better) that picks the best epoch and
     # early-stops; the train stage reports it as best_<val_metric>
     val_metric: str = ""
-    # report/model-card sections this task's evaluation produces (in page order)
-    report_sections: tuple[str, ...] = ()
     # whether a prediction's DICOM SR states every class with its probability (several findings at
     # once) or the predicted class alone
     reports_every_class: bool = False

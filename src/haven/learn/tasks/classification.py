@@ -13,7 +13,6 @@ from haven.learn.tasks.base import Task
 class Classification(Task):
     name = "classification"
     val_metric = "val_balanced_accuracy"
-    report_sections = ("performance", "calibration", "subgroups", "explanations", "robustness")
 
     def classes(self, labels: pd.Series) -> list[str]:
         return sorted(labels.unique())

@@ -69,7 +69,6 @@ class MultiLabel(Task):
 
     name = "multilabel"
     val_metric = "val_macro_roc_auc"
-    report_sections = ("performance", "calibration", "subgroups", "explanations", "robustness")
     reports_every_class = True  # a DICOM SR states every finding's probability, the negatives too
 
     def summary_label(self, classes: list[str]) -> str:

@@ -64,7 +64,6 @@ class Ordinal(Task):
 
     name = "ordinal"
     val_metric = "val_qwk"
-    report_sections = ("performance", "calibration", "subgroups", "explanations", "robustness")
 
     def option(self, key: str):
         v = self.options.get(key)  # options hold what the project set; the schema's defaults otherwise
