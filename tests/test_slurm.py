@@ -304,7 +304,14 @@ def test_profile_dry_run_without_slurm(root, tmp_path):
                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
-    assert "This was a dry-run" in out and re.search(r"^train\s+2$", out, re.M), out[-3000:]
+    # one train job per project, or one per fold for a cross-validated project (the embedded config has both)
+    from haven.config import cv_folds, load, trained_projects
+
+    conf = load(root / "config.yaml")
+    folds = [cv_folds(conf["projects"][p]) for p in trained_projects(conf)]
+    assert "This was a dry-run" in out, out[-3000:]
+    assert re.search(rf"^train\s+{sum(1 for f in folds if not f)}$", out, re.M), out[-3000:]
+    assert re.search(rf"^train_fold\s+{sum(folds)}$", out, re.M) and sum(folds), out[-3000:]
 
 
 def test_data_stages_equal_a_local_run(root, slurm_run):
