@@ -10,7 +10,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
 from torch import nn
 
 from haven.config import section_defaults
-from tinyproject import evaluate_all, save_model, train_briefly
+from tinyproject import assert_every_figure, evaluate_all, save_model, train_briefly
 from haven.trust import evaluate as ev
 from haven.trust.calibration import calibration, expected_calibration_error
 from haven.trust.explain import (attribution_maps, randomization_test, randomized_copy, rank_similarity,
@@ -424,10 +424,7 @@ def tiny(tmp_path_factory):
 def test_stage_writes_every_output(tiny):
     root, m = tiny
     out = root / "evaluate"
-    for kind in ev.PLOT_KINDS:
-        name = f"{kind}.png"
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    assert_every_figure(out)
     saved = json.loads((out / "metrics.json").read_text())  # strict JSON: no NaN
     assert saved["n"] == 48 and saved["classes"] == ["left", "right"]
     assert saved["ci"]["unit"] == "patient" and saved["ci"]["accuracy"][0] <= saved["accuracy"] <= saved["ci"]["accuracy"][1]

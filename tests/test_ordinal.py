@@ -13,7 +13,7 @@ import torch
 import zarr
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from test_evaluate import FAST, make_split
-from tinyproject import evaluate_all, save_model, train_briefly
+from tinyproject import assert_every_figure, evaluate_all, save_model, train_briefly
 
 from haven.config import section_defaults
 from haven.learn.tasks import get_task
@@ -248,9 +248,7 @@ def evaluated(tmp_path_factory):
 def test_evaluate_writes_every_output_and_the_ordinal_metrics(evaluated):
     root, m = evaluated
     out = root / "evaluate"
-    for kind in ev.PLOT_KINDS:
-        data = (out / f"{kind}.png").read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, kind
+    assert_every_figure(out)
     saved = json.loads((out / "metrics.json").read_text())  # strict JSON: no NaN
     assert saved["n"] == 40 and saved["classes"] == ["0", "1", "2", "3"]
     assert np.array(saved["confusion_matrix"]).shape == (4, 4) and set(saved["per_class"]) == {"0", "1", "2", "3"}

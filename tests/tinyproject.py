@@ -52,3 +52,10 @@ def evaluate_all(root: Path, settings: dict, task: str, **kwargs) -> dict:
                          plots={kind: out / f"{kind}.png" for kind in ev.PLOT_KINDS})
     return ev.evaluate(root / "train" / "model.pt", root / "preprocess" / "test.zarr", root / "preprocess" / "val.zarr",
                        outputs, settings=settings, task=task, **kwargs)
+
+
+def assert_every_figure(out: Path) -> None:
+    """Every figure the evaluate rule declares is a real PNG (not an empty placeholder)."""
+    for kind in ev.PLOT_KINDS:
+        data = (out / f"{kind}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, kind
