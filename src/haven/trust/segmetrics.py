@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from haven.trust.metrics import bootstrap_weights, weighted_auc
+from haven.trust.metrics import bootstrap_weights, percentile_interval, weighted_auc
 
 __all__ = ["aggregate", "case_metrics", "image_level", "lesion_view", "one_hot", "segmentation_metrics"]
 
@@ -99,15 +99,6 @@ def _weighted_means(v: np.ndarray, w: np.ndarray) -> np.ndarray:
         return (ww @ v[ok]) / ww.sum(1)
 
 
-def _interval(reps: np.ndarray, level: float, n_resamples: int) -> list[float] | None:
-    reps = reps[np.isfinite(reps)]
-    if len(reps) < max(1, n_resamples // 2):
-        return None
-    a = (1 - level) / 2
-    lo, hi = np.percentile(reps, [100 * a, 100 * (1 - a)])
-    return [float(lo), float(hi)]
-
-
 def aggregate(cases: dict, classes: list[str], clusters: np.ndarray | None = None, n_resamples: int = 500,
               level: float = 0.95, seed: int = 0) -> dict:
     """Means of :func:`case_metrics` with bootstrap intervals over ``clusters`` (patients).
@@ -122,10 +113,10 @@ def aggregate(cases: dict, classes: list[str], clusters: np.ndarray | None = Non
     def summarise(values: dict[str, np.ndarray], present: np.ndarray, dst: dict, dst_ci: dict) -> None:
         for name in METRICS:
             dst[name] = _mean(values[name])
-            dst_ci[name] = _interval(_weighted_means(values[name], w), level, n_resamples) if n else None
+            dst_ci[name] = percentile_interval(_weighted_means(values[name], w), level, n_resamples) if n else None
         lesion = np.where(present, values["dice"], np.nan)
         dst["dice_present"] = _mean(lesion)
-        dst_ci["dice_present"] = _interval(_weighted_means(lesion, w), level, n_resamples) if n else None
+        dst_ci["dice_present"] = percentile_interval(_weighted_means(lesion, w), level, n_resamples) if n else None
         dst["hd95_undefined"] = int((~np.isfinite(values["hd95"])).sum())
 
     summarise({m: _per_case(cases[m]) for m in METRICS}, cases["present"].any(1), out, ci)
@@ -172,9 +163,9 @@ def image_level(present: np.ndarray, score: np.ndarray, predicted: np.ndarray, c
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = (w[:, pos & hit].sum(1)) / w[:, pos].sum(1)
         spec = (w[:, ~pos & ~hit].sum(1)) / w[:, ~pos].sum(1)
-    out["ci"] = {"roc_auc": _interval(weighted_auc(score, pos, w), level, n_resamples),
-                 "sensitivity": _interval(sens, level, n_resamples),
-                 "specificity": _interval(spec, level, n_resamples)}
+    out["ci"] = {"roc_auc": percentile_interval(weighted_auc(score, pos, w), level, n_resamples),
+                 "sensitivity": percentile_interval(sens, level, n_resamples),
+                 "specificity": percentile_interval(spec, level, n_resamples)}
     return out
 
 
