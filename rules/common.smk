@@ -5,7 +5,7 @@ import shlex
 from types import SimpleNamespace
 
 from haven.cluster import cpus_per_gpu, rule_resources, site_settings
-from haven.config import compare_settings, cv_folds, dataset_name, datasets, project as project_settings, stage_settings, trained_projects
+from haven.config import compare_settings, cv_folds, mask_files, dataset_name, datasets, project as project_settings, stage_settings, trained_projects
 from haven.shards import remote_source, shard_count
 
 R = config["results"]
@@ -96,6 +96,9 @@ def source_inputs(wildcards):
     inputs = {"source": P("ingest/pacs/listing.csv").format(project=wildcards.project) if remote else p["source"]}
     if p["labels"]:
         inputs["labels"] = p["labels"]
+    masks = mask_files(p)
+    if masks and masks["folder"]:  # a segmentation's mask folder beside the source: read by ingest and anonymize
+        inputs["masks"] = masks["folder"]
     return inputs
 
 

@@ -278,7 +278,7 @@ def test_summary_log_and_manifest(corpus):
     assert all(r["status"] == "anonymized" and int(r["actions"]) > 0 for r in corpus["log"])
     m = corpus["manifest"]
     assert list(m[0]) == ["file", "kind", "patient", "study", "series", "label", "sex", "age_band",
-                          "site", "modality"]
+                          "site", "modality", "role", "mask"]
     first = m[0]
     assert first["patient"] == keys.pseudonym(KEY, "PID-1001-XY")
     assert first["study"] == keys.uid(KEY, corpus["rows"][0]["study_uid"])

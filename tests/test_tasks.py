@@ -78,8 +78,8 @@ def test_every_configured_task_is_registered_and_an_unknown_one_is_named():
     project = schema()["$defs"]["project"]["properties"]
     assert set(TASKS) == set(project["task"]["enum"])  # a task the config offers has its module
     assert get_task("ordinal", {"grades": 5}).options == {"grades": 5}
-    with pytest.raises(ValueError, match="unknown task 'segmentation'.*set `task:`"):
-        get_task("segmentation")
+    with pytest.raises(ValueError, match="unknown task 'detection'.*set `task:`"):
+        get_task("detection")
 
 
 def test_sr_findings_state_the_predicted_class_or_every_finding():
@@ -117,3 +117,16 @@ def test_a_multilabel_split_is_stratified_on_its_summary_finding():
     for name in ("train", "val", "test"):
         share = positive[split[split == name].index].mean()
         assert share == 0.5, (name, share)
+
+
+def test_only_a_segmentation_carries_its_mask_files_through_the_gate():
+    from haven.config import stage_settings, validate
+
+    config = validate({"projects": {
+        "seg": {"source": ".", "task": "segmentation", "segmentation": {"masks": "data/masks"}},
+        "dr": {"source": ".", "task": "ordinal"}}}, "test")
+    for stage in ("ingest", "anonymize"):
+        assert stage_settings(config, "seg", stage)["masks"] == {"folder": "data/masks", "suffix": "_mask"}
+        assert stage_settings(config, "dr", stage)["masks"] is None
+        assert "task_options" not in stage_settings(config, "seg", stage)
+    assert stage_settings(config, "seg", "preprocess")["task_options"]["classes"] == ["background", "lesion"]

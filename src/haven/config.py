@@ -137,6 +137,20 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "report": ("task", "model", "train", "tune"),
     "register": ("model",),
 }
+# Stages that carry a segmentation's mask files with their images (only where the masks are: an
+# ordinal option changed re-runs no ingest).
+MASK_STAGES = ("ingest", "anonymize")
+
+
+def mask_files(proj: dict) -> dict | None:
+    """A segmentation project's mask files: ``{"folder": <mask folder or None: beside the images>,
+    "suffix": ...}``; None for the other tasks (their ingest takes no file for a mask)."""
+    if proj.get("task") != "segmentation":
+        return None
+    seg = proj.get("segmentation", {})
+    return {"folder": seg.get("masks"), "suffix": seg.get("mask_suffix", "_mask")}
+
+
 # Stages that need to find the pseudonymization key: they get where it is, never the key itself
 # (the audit: to check the keyed hashes of its accept list; reidentify: to join predictions back to the
 # original ids through the keyed pseudonyms).
@@ -156,6 +170,8 @@ def stage_settings(config: dict, name: str, stage: str) -> dict:
     s = {k: copy.deepcopy(proj[k]) for k in STAGE_SECTIONS[stage]}
     if "task" in s:  # the task's own section (`multilabel:`, `ordinal:`; none for classification)
         s["task_options"] = copy.deepcopy(proj.get(s["task"], {}))
+    if stage in MASK_STAGES:  # where a segmentation's mask files are, and nothing else of its task
+        s["masks"] = mask_files(proj)
     s["config_hash"] = digest(s)
     s.update(project=name, seed=config["seed"], results=config["results"], tracking_uri=config["tracking_uri"],
              experiment=experiment_name(config, name))

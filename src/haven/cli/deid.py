@@ -21,9 +21,15 @@ def cmd_anonymize(args) -> int:
     key = stage_key(s.get("key_file"), s.get("key_env"), bool(s.get("demo_key")))
     summary = anonymize(Path(args.source), Path(args.ingest_manifest), key, data=Path(args.data),
                         manifest=Path(args.manifest), log_csv=Path(args.log), quarantine=Path(args.quarantine),
-                        options=s["anonymize"], shard=parse_shard(args.shard))
+                        options=s["anonymize"], shard=parse_shard(args.shard), masks=_mask_folder(s))
     print(json.dumps(summary))
     return 0
+
+
+def _mask_folder(s: dict) -> Path | None:
+    """A segmentation project's mask folder, where the ingest manifest's mask paths may point."""
+    folder = (s.get("masks") or {}).get("folder")
+    return Path(folder) if folder else None
 
 
 def cmd_audit(args) -> int:

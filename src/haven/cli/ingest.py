@@ -24,9 +24,15 @@ def cmd_ingest(args) -> int:
     s = settings(args)
     # labels are needed only from preprocess on: a de-identification-only project goes without
     summary = ingest(Path(args.source), out, **_labels(s), shard=parse_shard(args.shard),
-                     labels_required=s["until"] != "audit", label_folders=not s["unlabeled"])
+                     labels_required=s["until"] != "audit", label_folders=not s["unlabeled"],
+                     segmentation=_segmentation(s.get("masks")))
     print(json.dumps(summary))
     return 0
+
+
+def _segmentation(masks: dict | None) -> dict | None:
+    """The stage settings' ``masks`` (haven.config.mask_files) as ingest takes them."""
+    return None if masks is None else {"masks": masks["folder"], "mask_suffix": masks["suffix"]}
 
 
 def cmd_merge(args) -> int:

@@ -15,7 +15,9 @@ de-identified safely is quarantined and leaves nothing in the data folder:
 
 * ``<data>/<patient pseudonym>/<new StudyInstanceUID>/<new SOPInstanceUID>.dcm`` and
   ``<data>/I<keyed hash>.<ext>`` for images;
-* the manifest (``file,kind,patient,study,series,label,sex,age_band,site,modality``);
+* ``<data>/I<keyed hash>.mask.<png|nii.gz>``: an image's mask (a segmentation project's ingest
+  ``mask`` column), re-encoded as its pixels only (:func:`haven.sources.masks.clean_mask`);
+* the manifest (``file,kind,patient,study,series,label,sex,age_band,site,modality,role,mask``);
 * the log (``input_index,status,output,actions``; no identifiers);
 * the quarantine list (``input_index,reason``: the row of the ingest manifest, never the input path).
 
@@ -46,11 +48,12 @@ from haven.deid.writer import TMP_PREFIX, Meta, method_items, write_bytes, write
 from haven.io import TEXT, atomic_write_text, csv_text, read_rows, write_rows
 from haven.progress import progress
 from haven.shards import shard_of
+from haven.sources.masks import clean_mask
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["file", "kind", "patient", "study", "series", "label", "sex", "age_band", "site",
-                    "modality"]
+                    "modality", "role", "mask"]  # role: image or mask (DICOM-SEG); mask: the image's mask file
 LOG_COLUMNS = ["input_index", "status", "output", "actions"]
 QUARANTINE_COLUMNS = ["input_index", "reason"]  # the index into ingest/manifest.csv: input paths can carry names
 
@@ -109,13 +112,16 @@ def _is_inside(path: Path, root: Path) -> bool:
 
 
 def anonymize(source: Path, ingest_manifest: Path, key: bytes, *, data: Path, manifest: Path, log_csv: Path,
-              quarantine: Path, options: dict | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
+              quarantine: Path, options: dict | None = None, shard: tuple[int, int] = (0, 1),
+              masks: Path | None = None) -> dict:
     """De-identify every row of ``ingest_manifest`` from ``source``: the files into the folder ``data``,
     the tables into ``manifest``, ``log_csv`` and ``quarantine``.
 
     ``options``: the ``anonymize`` section (what it leaves out comes from the schema's defaults).
     ``shard=(i, n)``: only the rows whose series or path falls in shard i of n
-    (:func:`haven.shards.shard_of`); the shards' tables are merged by :func:`merge`.
+    (:func:`haven.shards.shard_of`); the shards' tables are merged by :func:`merge`.  ``masks``: a
+    segmentation project's mask folder (``segmentation.masks``) when it lies outside the source:
+    the ingest ``mask`` paths may point into it.
     Returns ``{"inputs": n, "anonymized": n, "quarantined": n}``.
     """
     opts = complete_options(options)
@@ -124,7 +130,7 @@ def anonymize(source: Path, ingest_manifest: Path, key: bytes, *, data: Path, ma
     data = Path(data)
     data.mkdir(parents=True, exist_ok=True)
     _remove_tmp(data)
-    run = _Run(Path(source), data, key, opts, actions)
+    run = _Run(Path(source), data, key, opts, actions, Path(masks) if masks else None)
     part, parts = shard
     inputs = 0
     # the manifest is streamed, so no total; counts only (a row's path can carry names)
@@ -154,14 +160,19 @@ class _Output(NamedTuple):
     study: str
     series: str
     modality: str
+    mask: str = ""
 
 
 class _Run:
     """One anonymize run's state: the rows of its three tables and the outputs produced so far."""
 
-    def __init__(self, source: Path, data: Path, key: bytes, opts: dict, actions: dict[int, str]):
+    def __init__(self, source: Path, data: Path, key: bytes, opts: dict, actions: dict[int, str],
+                 masks: Path | None = None):
         self.source, self.root, self.data = source, source.resolve(), data
         self.key, self.opts, self.actions = key, opts, actions
+        self.mask_root = masks.resolve() if masks is not None else None
+        # a DICOM-SEG's pixels are a 1-bit segmentation: no burned-in text to clean
+        self.seg_opts = {**opts, "pixels": {**opts["pixels"], "clean": "off"}}
         self.width = int(opts["age_band_width"])
         self.manifest: list[dict] = []
         self.log_rows: list[dict] = []
@@ -181,6 +192,8 @@ class _Run:
         except Exception as e:  # the class name carries no PHI
             return self._quarantined(index, f"unexpected error ({type(e).__name__})")
         self.produced[out.rel] = index
+        if out.mask:
+            self.produced[out.mask] = index
         site = (row.get("site") or "").strip()
         self.manifest.append({
             "file": out.rel,
@@ -193,6 +206,8 @@ class _Run:
             "age_band": age_band(row.get("age", ""), self.width),
             "site": keys.pseudonym(self.key, site, prefix="S", length=6) if site else "",
             "modality": out.modality,
+            "role": (row.get("role") or "").strip() or "image",
+            "mask": out.mask,
         })
         self.log_rows.append({"input_index": index, "status": "anonymized", "output": out.rel,
                               "actions": out.changed})
@@ -212,13 +227,33 @@ class _Run:
         if kind == "dicom":
             return self._dicom(src, row)
         if kind == "image":
+            mask = self._mask(row.get("mask") or "")  # before any output: a bad mask leaves none
             data, suffix, changed = clean_image(src)
-            rel = keys.image_stem(self.key, rel_in) + suffix
+            stem = keys.image_stem(self.key, rel_in)
+            rel = stem + suffix
             if rel in self.produced:
                 raise AnonymizeError(f"duplicate input (same output as input {self.produced[rel]})")
             write_bytes(data, self.data / rel)
-            return _Output(rel, changed, "", "", "")
+            if mask is None:
+                return _Output(rel, changed, "", "", "")
+            write_bytes(mask[0], self.data / (stem + ".mask" + mask[1]))
+            return _Output(rel, changed, "", "", "", stem + ".mask" + mask[1])
         raise AnonymizeError(f"unknown kind {kind[:16]!r}")
+
+    def _mask(self, rel_mask: str) -> tuple[bytes, str] | None:
+        """The cleaned bytes and suffix of an image's mask (``rel_mask``: relative to the source,
+        inside it or the mask folder), None when it has none."""
+        if not rel_mask:
+            return None
+        src = self.source / rel_mask
+        if not (_is_inside(src, self.root) or self.mask_root is not None and _is_inside(src, self.mask_root)):
+            raise AnonymizeError("mask path outside the source and the mask folder")
+        if not src.is_file():
+            raise AnonymizeError("mask file not found: re-run ingest")
+        try:
+            return clean_mask(src)
+        except ValueError as e:  # the message names the mask file: a name may be PHI
+            raise AnonymizeError(str(e).replace(f"mask {src.name}", "its mask")) from None
 
     def _locate(self, src: Path) -> tuple[bool, bool]:
         """(whether ``src``, links resolved, lies in the source; whether it is a file), with one
@@ -235,7 +270,8 @@ class _Run:
         return parent.is_relative_to(self.root), stat.S_ISREG(st.st_mode)
 
     def _dicom(self, src: Path, row: dict) -> _Output:
-        ds, rel, changed, meta = deidentify_dicom(src, row, self.key, self.opts, self.uid_cache, self.actions)
+        opts = self.seg_opts if (row.get("role") or "").strip() == "mask" else self.opts
+        ds, rel, changed, meta = deidentify_dicom(src, row, self.key, opts, self.uid_cache, self.actions)
         if rel in self.produced:
             raise AnonymizeError(f"duplicate SOPInstanceUID (same output as input {self.produced[rel]})")
         target = self.data / rel
@@ -376,7 +412,8 @@ def merge(shards: list[ShardTables], *, manifest: Path, log_csv: Path, quarantin
         # the shard's manifest lists its anonymized inputs in the order of its log
         done = (index(r) for r in read_rows(s.log_csv) if r["status"] == "anonymized")
         for at, row in zip(done, read_rows(s.manifest)):
-            yield at, {**row, "file": f"{s.name}/{row['file']}"}
+            mask = row.get("mask") or ""
+            yield at, {**row, "file": f"{s.name}/{row['file']}", "mask": f"{s.name}/{mask}" if mask else ""}
 
     n = write_rows(Path(manifest), MANIFEST_COLUMNS,
                    (row for _, row in heapq.merge(*(rows(s) for s in shards), key=lambda t: t[0])))

@@ -29,6 +29,9 @@ from haven.deid.identifiers import MAX_BINARY, Identifiers, name_of, strings
 from haven.deid.profile import STANDARD_SCHEMES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")  # a segmentation project's masks
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage: 1-bit masks, never burned-in text
+_NIFTI_TEXT = ("descrip", "aux_file", "intent_name", "db_name")
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 # elements kept verbatim by design (device type for the site/scanner subgroups): not searched
 UNSEARCHED_ELEMENTS = frozenset({"Manufacturer", "ManufacturerModelName"})
@@ -107,6 +110,8 @@ class PixelText:
         return self.wanted and redact.ocr_available()
 
     def applies(self, ds) -> bool:
+        if str(ds.get("SOPClassUID", "") or "").strip() == SEG_SOP_CLASS:
+            return False  # a segmentation's pixels are labels drawn by a reader or a model
         return redact.may_carry_text(ds, self.modalities)
 
     def text(self, ds) -> str | None:
@@ -174,6 +179,8 @@ def _may_carry_text(parsed, modalities) -> bool:
             return ""
         return e[3].decode("latin-1").rstrip(" \x00").strip().upper()
 
+    if value(0x00080016) == SEG_SOP_CLASS:
+        return False  # as PixelText.applies
     return value(0x00280301) == "YES" or value(0x00080060) in modalities
 
 
@@ -306,6 +313,27 @@ def _scan_image(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
                 yield f"image info {k}", "metadata", None  # not read: cannot be accepted
 
 
+def _scan_nifti(path: Path, ids: Identifiers, patient: str | None) -> Iterator[tuple[str, str]]:
+    """A NIfTI mask's header text fields and extensions: anonymize leaves none, so any is a finding."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    header = img.header
+    for field in _NIFTI_TEXT:
+        raw = header[field] if field in header else b""
+        text = (raw.item() if hasattr(raw, "item") else raw).rstrip(b"\x00 ").decode("latin-1")
+        if text.strip():
+            yield f"NIfTI {field}", "metadata", text
+            for kind in ids.match(text, "UN", patient):
+                yield f"NIfTI {field}", kind, text
+    for i, ext in enumerate(header.extensions):
+        content = getattr(ext, "content", None)  # the raw bytes (nibabel >= 5.2)
+        text = bytes(content if isinstance(content, (bytes, bytearray)) else b"").decode("latin-1")
+        yield f"NIfTI extension {i}", "metadata", text or None
+        for kind in ids.match(text, "UN", patient):
+            yield f"NIfTI extension {i}", kind, text
+
+
 def _is_dicom_file(path: Path) -> bool:
     if path.suffix.lower() == ".dcm":
         return True
@@ -347,6 +375,8 @@ def scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None,
     try:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             hits = _scan_image(path, ids, patient)
+        elif path.name.lower().endswith(NIFTI_SUFFIXES):
+            hits = _scan_nifti(path, ids, patient)
         elif _is_dicom_file(path):
             hits = _scan_dicom(path, ids, patient, pixels)
         else:

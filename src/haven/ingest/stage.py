@@ -17,13 +17,14 @@ from haven.io import atomic_write_text, csv_text
 from haven.progress import progress
 from haven.shards import shard_of
 from haven.sources.base import Quarantine
+from haven.sources.masks import is_mask_name, mask_for, read_mask
 
 log = logging.getLogger(__name__)
 
 
 def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_key: str | None = None,
            label_column: str | None = None, *, check_pixels: bool = True, shard: tuple[int, int] = (0, 1),
-           labels_required: bool = True, label_folders: bool = True) -> dict:
+           labels_required: bool = True, label_folders: bool = True, segmentation: dict | None = None) -> dict:
     """Walk ``source`` into the manifest, identifiers and quarantine list of ``out`` (:class:`Tables`,
     or a folder: its ``{manifest,identifiers,quarantine}.csv``).
 
@@ -36,7 +37,9 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
     shards' outputs are merged by :func:`haven.ingest.merge_ingest`.  ``labels_required=False``
     (a de-identification-only project, ``until: audit``): a file without a label is ingested with
     an empty one instead of being quarantined; ``label_folders=False`` (unlabeled data) looks for
-    no label in folder names at all.
+    no label in folder names at all.  ``segmentation`` (a segmentation project's task options:
+    ``masks``, ``mask_suffix``): each image's mask file goes into the manifest's ``mask`` column
+    (:class:`_Masks`), and mask files are not samples.
 
     Returns ``{"files", "accepted", "quarantined", "patients"}``.
     """
@@ -54,8 +57,12 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
             if p.is_relative_to(root)}
     index, shards = shard
     keep = (lambda rel: shard_of(rel, shards) == index) if shards > 1 else None
+    masks = _Masks(source, segmentation) if segmentation is not None else None
+    if masks is not None:
+        skip |= masks.skip(root)
+    files = [f for f in _iter_files(source, skip, keep) if masks is None or not masks.is_mask(f[1])]
 
-    manifest, quarantine, identifiers = _read_all(_iter_files(source, skip, keep), labeller, check_pixels)
+    manifest, quarantine, identifiers = _read_all(files, labeller, check_pixels, masks)
 
     atomic_write_text(out.manifest, csv_text(MANIFEST_COLUMNS, manifest))
     atomic_write_text(out.identifiers, csv_text(IDENTIFIER_COLUMNS, identifiers))
@@ -74,7 +81,8 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
     return summary
 
 
-def _read_all(files, labeller: Labels, check_pixels: bool) -> tuple[list[dict], list[dict], list[dict]]:
+def _read_all(files, labeller: Labels, check_pixels: bool, masks: "_Masks | None" = None
+              ) -> tuple[list[dict], list[dict], list[dict]]:
     """(manifest rows, quarantine rows, identifier rows) of the walk's ``files``."""
     manifest: list[dict] = []
     quarantine: list[dict] = []
@@ -89,7 +97,13 @@ def _read_all(files, labeller: Labels, check_pixels: bool) -> tuple[list[dict], 
                 if problem:
                     raise Quarantine(problem)
                 row, ids = sources.read_header(path, rel, check_pixels)
-                labeller.apply(row, ids)
+                row["role"] = row.get("role") or "image"
+                if row["role"] == "mask":
+                    _label_of_mask(labeller, row, ids)
+                else:
+                    labeller.apply(row, ids)
+                    if masks is not None:
+                        masks.apply(row)
                 sop = row["sop_uid"]
                 if sop and sop in seen_sops:
                     # the same instance twice (a copy, a link): downstream names derive from its UID
@@ -109,6 +123,55 @@ def _read_all(files, labeller: Labels, check_pixels: bool) -> tuple[list[dict], 
                     seen_ids.add((pid, tag, value))
                     identifiers.append({"patient_id": pid, "tag": tag, "value": value})
     return manifest, quarantine, identifiers
+
+
+def _label_of_mask(labeller: Labels, row: dict, ids: list) -> None:
+    """A mask object (DICOM-SEG) is no sample: it takes a label where there is one, else none."""
+    try:
+        labeller.apply(row, ids)
+    except Quarantine:
+        row["label"] = ""
+
+
+class _Masks:
+    """Where a segmentation project's image masks lie: a folder mirroring the source's relative
+    paths (``masks``), else beside each image as ``<stem><mask_suffix>.<ext>``
+    (:mod:`haven.sources.masks`)."""
+
+    def __init__(self, source: Path, options: dict):
+        self.source = source
+        folder = options.get("masks")
+        self.folder = Path(folder) if folder else None
+        self.suffix = "" if self.folder is not None else options.get("mask_suffix") or "_mask"
+        if self.folder is not None and not self.folder.is_dir():
+            raise ValueError(f"mask folder {self.folder} is not a folder: fix `segmentation.masks` in the config")
+
+    def skip(self, root: Path) -> set[Path]:
+        """The mask folder when it lies inside the source (resolved ``root``): not walked for samples."""
+        if self.folder is not None and self.folder.resolve().is_relative_to(root):
+            return {self.folder.resolve()}
+        return set()
+
+    def is_mask(self, rel: str) -> bool:
+        return bool(self.suffix) and is_mask_name(rel, self.suffix)
+
+    def apply(self, row: dict) -> None:
+        """Set an image row's ``mask`` (relative to the source; "" = none, all background), or
+        Quarantine the image when its mask cannot be read or is not its size."""
+        row["mask"] = ""
+        if row["kind"] != "image":
+            return
+        found = mask_for(row["path"], self.source, self.folder, self.suffix)
+        if found is None:
+            return
+        try:
+            shape = read_mask(found).shape
+        except ValueError as e:  # the message names the mask file: a name may be PHI
+            raise Quarantine(str(e).replace(f"mask {found.name}", "its mask")) from None
+        if shape != (int(row["rows"]), int(row["cols"])):
+            raise Quarantine(f"its mask is {shape[0]}x{shape[1]} but the image is {row['rows']}x{row['cols']} "
+                             "(rows x columns): give a mask of the image's size")
+        row["mask"] = Path(os.path.relpath(found, self.source)).as_posix()
 
 
 def _iter_files(source: Path, skip: set[Path], keep=None):

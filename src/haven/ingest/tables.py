@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 MANIFEST_COLUMNS = ["path", "kind", "patient_id", "study_uid", "series_uid", "sop_uid", "accession",
-                    "modality", "label", "sex", "age", "site", "rows", "cols"]
+                    "modality", "label", "sex", "age", "site", "rows", "cols", "role", "mask"]
+# role: "image" (a sample) or "mask" (a DICOM-SEG; old manifests: empty = image); mask: the file
+# of an image's mask relative to the source (a segmentation project's PNG/TIFF/NIfTI masks), else ""
 IDENTIFIER_COLUMNS = ["patient_id", "tag", "value"]
 QUARANTINE_COLUMNS = ["path", "reason"]
 

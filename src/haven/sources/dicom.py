@@ -25,6 +25,7 @@ from haven.sources.base import BY_CONTENT, GUESS, NO, NotMine, Quarantine, Reade
 from haven.deid.rawread import Unusual, parse
 from haven.sources.dicomheader import age_years, codec_of, identifiers, parsed_identifiers, text, uint
 from haven.sources.dicompixels import CODECS as _CODEC, check_encapsulated as _check_encapsulated
+from haven.sources.masks import SEG_SOP_CLASS
 
 def _looks_like_bare_dicom(head: bytes) -> bool:
     """A DICOM stream without preamble starts with a group 0002 or 0008 tag (either byte order)."""
@@ -355,6 +356,8 @@ def _row(ds, cs: str | None, rel: str) -> dict:
         "site": value("InstitutionName"),
         "rows": uint(ds, "Rows"),
         "cols": uint(ds, "Columns"),
+        # a DICOM-SEG is a mask of other instances, never a sample
+        "role": "mask" if value("SOPClassUID") == SEG_SOP_CLASS else "image",
     }
 
 
