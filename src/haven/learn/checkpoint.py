@@ -106,7 +106,7 @@ def save_model(result, path: str | Path, backbone: str, train_store: str | Path,
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """model.pt → (the network in eval mode, its record).  A cross-validated project's model.pt
     (:mod:`haven.learn.ensemble`: ``members``) loads as one :class:`~haven.learn.models.Ensemble`."""
-    from haven.learn.models import Ensemble, build_model
+    from haven.learn.models import Ensemble
 
     from haven.learn.tasks import get_task
 
@@ -117,7 +117,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     outputs = task.outputs(list(meta["classes"]), meta.get("hparams"))
 
     def network(state: dict) -> nn.Module:
-        model = build_model(meta["backbone"], outputs, weights=None, in_chans=meta["in_chans"])
+        model = task.network(meta["backbone"], outputs, None, meta["in_chans"])
         model.load_state_dict(state)
         return model
 

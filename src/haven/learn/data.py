@@ -37,6 +37,12 @@ class ZarrSplit:
         # (N, labels) for several findings at once
         labels = np.concatenate([np.asarray(g["labels"][:]) for g in self.groups])
         self.labels = labels.astype(np.int64) if labels.ndim == 1 else labels.astype(np.float32)
+        # a segmentation's targets are its masks (N, H, W), read chunk by chunk beside the images
+        # (never the whole split in memory); ``labels`` then says whether an image has foreground
+        self.targets = str(self.group.attrs.get("targets", "labels"))
+        if self.targets == "masks":
+            masks = [g["masks"] for g in self.groups]
+            self.masks = masks[0] if len(masks) == 1 else _Concat(masks)
         attrs = dict(self.group.attrs)
         self.classes: list[str] = list(attrs["classes"])
         self.mean = torch.tensor(attrs.get("mean", [0.5] * self.images.shape[1]), dtype=torch.float32)
@@ -62,8 +68,16 @@ class ZarrSplit:
     def _read_group(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         parts = [self._chunks[int(c)] for c in chunks]
         x = np.concatenate([a[s:s + a.chunks[0]] for a, s, _ in parts])
-        y = np.concatenate([self.labels[g:g + min(a.chunks[0], a.shape[0] - s)] for a, s, g in parts])
+        if self.targets == "masks":
+            y = np.concatenate([self._mask_rows(g, min(a.chunks[0], a.shape[0] - s)) for a, s, g in parts])
+        else:
+            y = np.concatenate([self.labels[g:g + min(a.chunks[0], a.shape[0] - s)] for a, s, g in parts])
         return x, y
+
+    def _mask_rows(self, start: int, n: int) -> np.ndarray:
+        if isinstance(self.masks, _Concat):
+            return np.stack([self.masks[i] for i in range(start, start + n)])
+        return np.asarray(self.masks[start:start + n])
 
     def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
                 buffer_chunks: int = 8, prefetch: int = 2, balanced: bool = False,
@@ -86,7 +100,8 @@ class ZarrSplit:
         rank, world = shard
         starts = starts[rank::world]
         groups = [starts[g:g + buffer_chunks] for g in range(0, len(starts), buffer_chunks)]
-        balanced = balanced and self.labels.ndim == 1  # a class-balanced sampler needs one class per sample
+        # a class-balanced sampler needs one class per sample (a segmentation: foreground or not)
+        balanced = balanced and self.labels.ndim == 1
         if balanced:
             counts = np.bincount(self.labels, minlength=len(self.classes)).astype(np.float64)
             class_weight = 1.0 / np.maximum(counts, 1)
@@ -98,7 +113,7 @@ class ZarrSplit:
                     pending.append(pool.submit(self._read_group, groups[i + prefetch + 1]))
                 pending[i] = None  # release the buffer once consumed
                 if balanced and shuffle:
-                    w = class_weight[y]
+                    w = class_weight[y if self.targets != "masks" else (y.reshape(len(y), -1) > 0).any(1).astype(int)]
                     order = rng.choice(len(x), size=len(x), replace=True, p=w / w.sum())
                 else:
                     order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
@@ -130,7 +145,21 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
 
 
-def augment(x: torch.Tensor, aug: dict, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_pair(x: torch.Tensor, masks: torch.Tensor, aug: dict, strength: float,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment` of images and their masks (N, H, W) together: the same affine grid per
+    sample moves both, the masks with nearest sampling (a class stays a class) and padded with
+    background; brightness/contrast touch the images only."""
+    if not aug or strength <= 0:
+        return x, masks
+    out, grid = augment(x, aug, strength, generator, return_grid=True)
+    moved = torch.nn.functional.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                            align_corners=False)
+    return out, moved[:, 0].round().to(masks.dtype)
+
+
+def augment(x: torch.Tensor, aug: dict, strength: float, generator: torch.Generator | None = None,
+            return_grid: bool = False):
     """Per-sample random augmentation of a float batch, on its own device, in one pass.
 
     Flips, rotation (degrees), isotropic scale range and translation (fraction of the side)
@@ -139,7 +168,7 @@ def augment(x: torch.Tensor, aug: dict, strength: float, generator: torch.Genera
     off), so one tunable knob sets how hard the project augments.
     """
     if not aug or strength <= 0:
-        return x
+        return (x, None) if return_grid else x
     n, dev = x.shape[0], x.device
 
     def rand(*shape):
@@ -162,4 +191,4 @@ def augment(x: torch.Tensor, aug: dict, strength: float, generator: torch.Genera
         gain = (1 + (rand(n, 1, 1, 1) * 2 - 1) * c).to(out.dtype)
         bias = ((rand(n, 1, 1, 1) * 2 - 1) * b).to(out.dtype)
         out = (out - mean) * gain + mean + bias
-    return out
+    return (out, grid) if return_grid else out

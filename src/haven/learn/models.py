@@ -224,6 +224,8 @@ def load_pretrained(backbone: str, weights: str | os.PathLike) -> nn.Module:
 def head_module(model: nn.Module) -> nn.Module:
     """The classifier module (timm ``get_classifier()``, torchvision the last ``Linear``)."""
     raw = unwrap(model)
+    if isinstance(getattr(raw, "haven_head", None), nn.Module):  # a U-Net's decoder (haven.learn.segnet)
+        return raw.haven_head
     name = getattr(raw, "haven_head_name", None)
     if name is None:
         if hasattr(raw, "get_classifier"):
@@ -246,7 +248,9 @@ def backbone_stages(model: nn.Module) -> list[nn.Module]:
     raw = unwrap(model)
     head = head_module(raw)
     stages: list[nn.Module]
-    if _is_seq(getattr(raw, "blocks", None)):
+    if isinstance(getattr(raw, "haven_head", None), nn.Module):  # a U-Net: its timm encoder's stages
+        stages = list(raw.encoder.model.children())
+    elif _is_seq(getattr(raw, "blocks", None)):
         stages = list(raw.blocks)
     elif all(isinstance(getattr(raw, f"layer{i}", None), nn.Module) for i in range(1, 5)):
         stages = [getattr(raw, f"layer{i}") for i in range(1, 5)]

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from haven.io import atomic_write_text
+from haven.learn.geometry import square as _square
 from haven.progress import progress
 from haven.sources import reader_for
 from haven.track import file_hash
@@ -141,23 +142,18 @@ def _resize(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), resample), dtype=np.float32)
 
 
-def _square(a: np.ndarray) -> np.ndarray:
-    """Centre-crop the longer side so that resizing keeps the aspect ratio."""
-    h, w = a.shape[-2:]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return a[..., top:top + s, left:left + s]
-
-
-def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
-    """One file → float (C, size, size) in [0, 1], C = the channels of one slice."""
+def _slice_pixels(path: Path, kind: str, params: dict) -> np.ndarray:
+    """One file → float (C, H, W) in [0, 1] at its own size, C = the channels of one slice."""
     a = reader_for(kind).pixels(path, params["mode"], params["windows"])
-    size = params["size"]
     want = slice_channels(params)
     if a.shape[0] != want:
         a = np.repeat(a.mean(axis=0, keepdims=True), want, axis=0) if want == 3 or a.shape[0] == 3 else a[:want]
-    a = _square(a)
-    return np.stack([_resize(c, size) for c in a])
+    return a
+
+
+def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
+    """One file → float (C, size, size) in [0, 1]."""
+    return np.stack([_resize(c, params["size"]) for c in _square(_slice_pixels(path, kind, params))])
 
 
 def load_sample(path: Path | list, kind: str, params: dict) -> np.ndarray:
@@ -274,15 +270,21 @@ def _client(params: dict):
     return client
 
 
-def _store_batch(images, start: int, paths: list, kinds: list[str], params: dict) -> int:
-    """Decode one chunk's samples and write them into the store (runs on a Dask worker); the count."""
+def _store_batch(images, start: int, paths: list, kinds: list[str], params: dict, masks=None,
+                 mask_sources: list | None = None) -> int:
+    """Decode one chunk's samples (and, for a segmentation, their masks) and write them into the
+    store (runs on a Dask worker); the count."""
     batch = load_batch(paths, kinds, params)
     images[start:start + len(batch)] = batch
+    if masks is not None:
+        from haven.learn.masks import load_masks
+
+        masks[start:start + len(batch)] = load_masks(mask_sources, params["size"])
     return len(batch)
 
 
 def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params: dict, classes: list[str],
-                targets: np.ndarray, progress=None) -> None:
+                targets: np.ndarray, progress=None, mask_sources: list | None = None) -> None:
     """One split's Zarr store: the decoded images (written by the workers, chunk by chunk), the
     task's ``targets`` as ``labels`` (one row per sample, of any width), and the columns the subgroup analysis reads.  ``progress``:
     a :class:`haven.progress.Progress` told how many samples each finished chunk wrote."""
@@ -300,24 +302,39 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
         "images", shape=(n, c, size, size), chunks=(min(chunk, max(n, 1)), c, size, size), dtype="uint8",
         compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
     )
+    masks = None
+    if mask_sources is not None:  # a segmentation's targets: a class map per image, chunked like the images
+        masks = group.create_array("masks", shape=(n, size, size), chunks=(min(chunk, max(n, 1)), size, size),
+                                   dtype="uint8", compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"))
     if n:
         paths = slab_members(client, rows, data_dir, params["slab"])
         kinds = list(rows["kind"])
         # one task per Zarr chunk, each writing whole chunks (no lock needed); a future per chunk
         # lets the progress count samples as they land
-        futures = [client.submit(_store_batch, images, i, paths[i:i + chunk], kinds[i:i + chunk], params,
-                                 pure=False) for i in range(0, n, chunk)]
+        futures = [client.submit(_store_batch, images, i, paths[i:i + chunk], kinds[i:i + chunk], params, masks,
+                                 None if masks is None else mask_sources[i:i + chunk], pure=False)
+                   for i in range(0, n, chunk)]
         for future in as_completed(futures):
             written = future.result()  # a DecodeError on a worker is raised here
             if progress is not None:
                 progress.update(written)
+    if masks is not None:  # the image-level view: does the image show any foreground at all
+        targets = _foreground(masks, chunk)
     group.create_array("labels", data=targets, chunks=(max(n, 1),) + tuple(targets.shape[1:]))
     for col in ("patient", "sex", "age_band", "site"):
         arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
         if n:
             arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
     group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
-                        "slab": params["slab"], "pixels": pixel_settings(params)})
+                        "slab": params["slab"], "pixels": pixel_settings(params),
+                        "targets": "labels" if masks is None else "masks"})
+
+
+def _foreground(masks, chunk: int) -> np.ndarray:
+    """1 for every stored mask with any foreground pixel, else 0, read chunk by chunk."""
+    n = masks.shape[0]
+    parts = [np.asarray(masks[i:i + chunk]).reshape(min(chunk, n - i), -1).any(1) for i in range(0, n, chunk)]
+    return (np.concatenate(parts) if parts else np.zeros(0, bool)).astype(np.int64)
 
 
 def channel_stats(store: Path) -> tuple[list[float], list[float]]:
@@ -377,10 +394,14 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
 
         task = section_defaults("task")
     task = get_task(task, task_options)
-    manifest = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
+    from haven.learn.masks import mask_sources, sample_rows, seg_index
+
+    every = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
+    manifest = sample_rows(every)  # a DICOM-SEG is a mask object, never a sample
     if manifest.empty:
         raise ValueError(f"{inputs.manifest} lists no files: check the ingest quarantine list")
-    require_labels(manifest, inputs.manifest)
+    if task.needs_labels:
+        require_labels(manifest, inputs.manifest)
     classes = task.classes(manifest["label"])
     if len(classes) < 2:
         raise ValueError(f"{inputs.manifest}: need at least two classes, found {classes}")
@@ -389,11 +410,13 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
 
     client = _client(params)
     try:
+        segs = seg_index(client, every, inputs.data, params["size"]) if task.targets == "masks" else {}
         with progress("preprocess", len(manifest), log=log, unit="samples") as p:
             for name in SPLITS:
                 rows = manifest[manifest["split"] == name].reset_index(drop=True)
+                masks = mask_sources(client, rows, inputs.data, segs) if task.targets == "masks" else None
                 write_split(client, rows, inputs.data, outputs.store(name), params, classes,
-                            task.encode(rows["label"], classes), progress=p)
+                            task.encode(rows["label"], classes), progress=p, mask_sources=masks)
     finally:
         client.close()
         client.cluster.close()

@@ -76,6 +76,10 @@ def build_segmentation_model(
     net.haven_info = {**info, "backbone": backbone, "arch": arch, "in_chans": in_chans,
                       "architecture": "unet", "encoder_depth": encoder_depth,
                       "decoder_channels": list(decoder), "classes": classes}
+    # the transfer-learning "head" (trained from the first epoch, at the head's learning rate) is
+    # the whole decoder: only the encoder is pretrained.  Held outside the module tree (not a
+    # registered child), so the state dict has no duplicate keys; haven.learn.models.head_module reads it.
+    object.__setattr__(net, "haven_head", nn.ModuleList([net.decoder, net.segmentation_head]))
     return RepeatChannels(net, in_chans) if in_chans < 3 else net
 
 

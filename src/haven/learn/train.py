@@ -37,7 +37,7 @@ from torch import nn
 from haven.io import atomic_write_text
 from haven.learn import checkpoint as ckpt
 from haven.learn import ddp, infer
-from haven.learn.data import ZarrSplit, augment, normalize
+from haven.learn.data import ZarrSplit, augment, augment_pair, normalize
 from haven.learn.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,14 @@ def run_epoch(model: nn.Module, step_model: nn.Module, split: ZarrSplit, loss_fn
     aug_cfg, strength = hp["augment"], float(hp["augment_strength"])
     with ddp.join(step_model, world):
         for x, y in batches:
-            x = augment(normalize(x.to(dev, non_blocking=True), split.mean, split.std), aug_cfg, strength, aug_gen)
+            x = normalize(x.to(dev, non_blocking=True), split.mean, split.std)
+            y = y.to(dev, non_blocking=True)
+            if split.targets == "masks":  # the masks move with their images
+                x, y = augment_pair(x, y.long(), aug_cfg, strength, aug_gen)
+            else:
+                x = augment(x, aug_cfg, strength, aug_gen)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(dev, non_blocking=True)
             with infer.autocast(dev, hp["amp"]):
                 loss = loss_fn(step_model(x), y)
             opt.optimizer.zero_grad(set_to_none=True)
@@ -190,9 +194,7 @@ class Result:
 
 def _build(backbone: str, model_cfg: dict, task: Task, split: ZarrSplit, dev: torch.device,
            hp: dict | None = None) -> nn.Module:
-    from haven.learn.models import build_model
-
-    model = build_model(backbone, task.outputs(split.classes, hp), weights=model_cfg["weights"], in_chans=split.channels)
+    model = task.network(backbone, task.outputs(split.classes, hp), model_cfg["weights"], split.channels)
     model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -4,7 +4,8 @@ A view is the identity, a horizontal or vertical flip, or a shift by ``shift`` p
 either axis (edges repeated, not wrapped: a wrapped skull would put bone where none is).  Which
 views apply is the project's ``tta`` setting, off by default: a flip is wrong for data where
 left and right differ in meaning (a flipped digit 2 is no 2), so it is asked for, not assumed.
-Used by evaluate (the test metrics with and without it) and by prediction.
+Used by evaluate (the test metrics with and without it) and by prediction.  A per-pixel output (a
+segmentation's) is moved back onto the input before averaging (:data:`INVERSE`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def _shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
 
+# the view that undoes each view (a flip is its own inverse); shifting back repeats the edge the
+# shift cut off, which for a per-pixel map is the nearest estimate there is
+INVERSE = {"identity": "identity", "hflip": "hflip", "vflip": "vflip", "left": "right", "right": "left",
+           "up": "down", "down": "up"}
+
+
 def view(x: torch.Tensor, name: str, shift: int) -> torch.Tensor:
     """One view of a normalized float batch (N, C, H, W)."""
     if name == "identity":
@@ -55,5 +62,7 @@ def scores(model, x: torch.Tensor, task, spec: dict | None) -> torch.Tensor:
     total = None
     for name in names:
         s = task.scores(model(view(x, name, shift))).float()
+        if s.ndim == 4:  # scores per pixel (a segmentation): each view's map moved back onto the input
+            s = view(s, INVERSE[name], shift)
         total = s if total is None else total + s
     return total / len(names)

@@ -81,12 +81,9 @@ def task_tables(metrics: dict) -> list[dict]:
 
 def task_text(task: str, stats: dict) -> str:
     """What the model does, for the model card's intended use."""
-    classes = stats["classes"]
-    if task == "multilabel":
-        return f"a multi-label detector of {len(classes)} findings at once ({', '.join(classes)})"
-    if task == "ordinal":
-        return f"an ordinal grader on a {len(classes)}-grade scale ({', '.join(classes)})"
-    return f"a {len(classes)}-class image classifier ({', '.join(classes)})"
+    from haven.learn.tasks import get_task
+
+    return get_task(task).describe(list(stats["classes"]))
 
 
 def metric_rows(metrics: dict) -> list[tuple]:

@@ -6,9 +6,11 @@ from haven.learn.tasks.base import Task
 from haven.learn.tasks.classification import Classification
 from haven.learn.tasks.multilabel import MultiLabel
 from haven.learn.tasks.ordinal import Ordinal
+from haven.learn.tasks.segmentation import Segmentation
 
 # config `task:` value → the Task; a new task is one new module and one line here
-TASKS: dict[str, type[Task]] = {"classification": Classification, "multilabel": MultiLabel, "ordinal": Ordinal}
+TASKS: dict[str, type[Task]] = {"classification": Classification, "multilabel": MultiLabel, "ordinal": Ordinal,
+                                "segmentation": Segmentation}
 
 
 def get_task(name: str, options: dict | None = None) -> Task:

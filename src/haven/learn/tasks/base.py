@@ -30,6 +30,11 @@ class Task(ABC):
     # whether a prediction's DICOM SR states every class with its probability (several findings at
     # once) or the predicted class alone
     reports_every_class: bool = False
+    # what preprocess stores as the targets: "labels" (the task's encoding of the manifest label, one
+    # row per sample) or "masks" (a class per pixel, decoded from mask files beside the images)
+    targets: str = "labels"
+    # whether training needs a label on every file (a segmentation's labels are its masks)
+    needs_labels: bool = True
 
     def __init__(self, options: dict | None = None):
         # the project's section named after the task (`multilabel:`, `ordinal:`), defaults filled in
@@ -50,6 +55,17 @@ class Task(ABC):
     @abstractmethod
     def encode(self, labels: pd.Series, classes: list[str]) -> np.ndarray:
         """The targets stored with the images (one row per sample)."""
+
+    def describe(self, classes: list[str]) -> str:
+        """What the model does, in words (the model card's intended use)."""
+        return f"a {len(classes)}-class image classifier ({', '.join(classes)})"
+
+    def network(self, backbone: str, width: int, weights, in_chans: int) -> nn.Module:
+        """The network (a pretrained backbone with a head of ``width`` outputs); weights None: random
+        (a trained model's are loaded over them)."""
+        from haven.learn.models import build_model
+
+        return build_model(backbone, width, weights=weights, in_chans=in_chans)
 
     @abstractmethod
     def outputs(self, classes: list[str], hp: dict | None = None) -> int:

@@ -122,6 +122,9 @@ class MultiLabel(Task):
         y = self.encode(labels, classes) if len(labels) else np.zeros((0, len(classes)), np.float32)
         return {**{c: int(y[:, j].sum()) for j, c in enumerate(classes)}, "n": int(len(y))}
 
+    def describe(self, classes: list[str]) -> str:
+        return f"a multi-label detector of {len(classes)} findings at once ({', '.join(classes)})"
+
     def outputs(self, classes: list[str], hp: dict | None = None) -> int:
         return len(classes)
 

@@ -110,6 +110,9 @@ class Ordinal(Task):
         grades = pd.Series([str(int(str(v).strip())) for v in labels], dtype=object)
         return {c: int((grades == c).sum()) for c in classes}
 
+    def describe(self, classes: list[str]) -> str:
+        return f"an ordinal grader on a {len(classes)}-grade scale ({', '.join(classes)})"
+
     def outputs(self, classes: list[str], hp: dict | None = None) -> int:
         return len(classes) - 1 if self.method(hp) == "corn" else len(classes)
 
