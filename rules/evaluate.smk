@@ -26,6 +26,8 @@ rule evaluate:
             labels={"project": "{project}", "artefact": "integrated gradients"}),
         robustness=report(P("evaluate/robustness.png"), caption="../workflow/report/robustness.rst", category="7. Robustness",
             labels={"project": "{project}", "artefact": "robustness"}),
+        overlays=report(P("evaluate/overlays.png"), caption="../workflow/report/overlays.rst", category="3. Evaluation",
+            labels={"project": "{project}", "artefact": "overlays"}),
     params:
         settings=settings("evaluate"),
         # written beside the outputs but not declared ones (nothing downstream reads them)
@@ -52,5 +54,5 @@ rule evaluate:
         "--plot confusion={output.confusion:q} --plot roc={output.roc:q} --plot pr={output.pr:q} "
         "--plot reliability={output.reliability:q} --plot subgroups={output.subgroups:q} "
         "--plot gradcam={output.gradcam:q} --plot integrated_gradients={output.integrated_gradients:q} "
-        "--plot robustness={output.robustness:q} "
+        "--plot robustness={output.robustness:q} --plot overlays={output.overlays:q} "
         "--rule evaluate --params {params.settings:q} > {log:q} 2>&1"

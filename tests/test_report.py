@@ -28,6 +28,7 @@ EVALUATE_PLOTS = (
     ("gradcam", "Grad-CAM overlays"),
     ("integrated_gradients", "Integrated Gradients overlays"),
     ("robustness", "Robustness curve"),
+    ("overlays", "Predicted and true masks"),
 )
 
 def _browser_required() -> bool:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 # The figures the stage can draw; where each goes is the caller's (the rule's) choice.
+# "overlays" (true vs predicted masks) is segmentation's; the other tasks draw it as a note.
 PLOT_KINDS = ("confusion", "roc", "pr", "reliability", "subgroups", "gradcam", "integrated_gradients",
-              "robustness")
+              "robustness", "overlays")
 
 
 @dataclass

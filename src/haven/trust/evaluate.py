@@ -69,7 +69,10 @@ def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path
     learning_task = get_task(task, task_options if task_options is not None else meta.get("task_options"))
     ctx = Context(model=model, meta=meta, task=learning_task, test=test, val=val if val is not None and len(val) else None,
                   outputs=outputs, settings=settings, seed=seed, tta=tta, lap=lap)
+    for path in outputs.plots.values():
+        path.unlink(missing_ok=True)  # what the task leaves undrawn is found below, not taken from a last run
     metrics = learning_task.evaluate(ctx)
+    _note_undrawn(outputs, learning_task.name)
     metrics["settings"] = _settings_record(settings)
     metrics["seconds"] = lap.seconds
     metrics = jsonable(metrics)
@@ -77,6 +80,17 @@ def evaluate(model_path: str | Path, test_path: str | Path, val_path: str | Path
         _log(tracking, metrics, outputs, learning_task.flat_metrics(metrics))
     atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2))
     return metrics
+
+
+def _note_undrawn(outputs: Outputs, task: str) -> None:
+    """A panel saying so for every declared figure the task does not draw (a classifier has no
+    predicted masks to overlay): the report shows the reason where the figure would be."""
+    from haven.trust.segplots import plot_note
+
+    for kind, path in outputs.plots.items():
+        if not path.is_file():
+            plot_note(path, f"no {kind.replace('_', ' ')} figure",
+                      f"the {task} task does not draw this figure (it applies to another task)")
 
 
 def _settings_record(s: dict) -> dict:

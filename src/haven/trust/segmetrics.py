@@ -131,9 +131,10 @@ def aggregate(cases: dict, classes: list[str], clusters: np.ndarray | None = Non
     return out
 
 
-def lesion_view(truth: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lesion_view(truth: np.ndarray, probs: np.ndarray, min_pixels: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The image-level view: (present (N,) int 0/1 from the truth masks, score (N,) = max per-pixel
-    foreground probability, predicted (N,) int 0/1 = the argmax mask has a foreground pixel).
+    foreground probability, predicted (N,) int 0/1 = the argmax mask has at least ``min_pixels``
+    foreground pixels: a speck of a few pixels is noise, not a finding).
     ``probs`` is (N, K, H, W) softmax output."""
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(truth)
@@ -143,7 +144,7 @@ def lesion_view(truth: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
         raise ValueError(f"probabilities (N, K, H, W) {probs.shape} do not fit the masks (N, H, W) {truth.shape}")
     present = (truth.reshape(len(truth), -1) > 0).any(1).astype(int)
     score = (1.0 - probs[:, 0]).reshape(len(probs), -1).max(1)
-    predicted = (probs.argmax(1).reshape(len(probs), -1) > 0).any(1).astype(int)
+    predicted = ((probs.argmax(1).reshape(len(probs), -1) > 0).sum(1) >= max(1, int(min_pixels))).astype(int)
     return present, score, predicted
 
 
@@ -171,15 +172,16 @@ def image_level(present: np.ndarray, score: np.ndarray, predicted: np.ndarray, c
 
 def segmentation_metrics(truth: np.ndarray, probs: np.ndarray, classes: list[str], clusters: np.ndarray | None = None,
                          n_resamples: int = 500, level: float = 0.95, seed: int = 0,
-                         spacing: tuple[float, float] | None = None) -> dict:
+                         spacing: tuple[float, float] | None = None, min_pixels: int = 1) -> dict:
     """Everything at once from the truth masks (N, H, W) and softmax output (N, K, H, W): the pixel
     metrics of :func:`aggregate`, ``"cases"`` (per-case lists, None where undefined) and
-    ``"image_level"`` (:func:`image_level`)."""
+    ``"image_level"`` (:func:`image_level`, an image called positive from ``min_pixels`` predicted
+    foreground pixels)."""
     probs = np.asarray(probs)
     pred = probs.argmax(1)
     cases = case_metrics(truth, pred, classes, spacing)
     out = aggregate(cases, classes, clusters, n_resamples, level, seed)
     out["cases"] = {m: [[None if not np.isfinite(x) else float(x) for x in row] for row in cases[m]] for m in METRICS}
-    present, score, predicted = lesion_view(truth, probs)
+    present, score, predicted = lesion_view(truth, probs, min_pixels)
     out["image_level"] = image_level(present, score, predicted, clusters, n_resamples, level, seed)
     return out

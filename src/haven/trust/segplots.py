@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["pick_cases", "plot_overlays"]
+__all__ = ["pick_cases", "plot_attack", "plot_note", "plot_overlays"]
 
 # true contour, predicted fill/contour per foreground class (colour-blind-safe pairs)
 _TRUE = ("#00e676", "#ffd600", "#00b0ff", "#ffffff")
@@ -110,4 +110,41 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path:
     fig.suptitle(title, fontsize=8)
     fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_note(path: Path | str, title: str, text: str) -> None:
+    """A figure that says why a plot the stage declares is not drawn for this task (the report then
+    shows the reason where the plot would be, not a gap)."""
+    import textwrap
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    ax.axis("off")
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=10, weight="bold")
+    ax.text(0.5, 0.3, textwrap.fill(text, 80), ha="center", va="center", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_attack(rob: dict, path: Path | str, pixel_scale: float | None = None) -> None:
+    """Mean foreground Dice under FGSM and PGD against epsilon (normalized input units), the clean
+    Dice and the all-background Dice (what predicting nothing scores) as references."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    eps = rob["epsilons"]
+    for attack, marker, label in (("fgsm", "o", "FGSM"), ("pgd", "s", f"PGD ({rob['pgd_steps']} steps)")):
+        ax.plot(eps, [np.nan if v is None else v for v in rob[attack]], marker=marker, label=label)
+    if rob.get("all_background_dice") is not None:
+        ax.axhline(rob["all_background_dice"], color="grey", ls=":", label="predicting all background")
+    ax.set_xlabel("epsilon (L-inf, normalized pixel units)")
+    ax.set_ylabel(f"mean foreground Dice (n = {rob['n']} images)")
+    ax.set_ylim(0, 1.02)
+    if pixel_scale:
+        sec = ax.secondary_xaxis("top", functions=(lambda e: e * pixel_scale * 255, lambda v: v / pixel_scale / 255))
+        sec.set_xlabel("epsilon in 8-bit grey levels (x std x 255)", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.set_title("Adversarial robustness of the masks (test subsample)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
