@@ -14,6 +14,7 @@ rule predict:
     output:
         predictions=P("predict/{source}/predictions.csv"),
         summary=P("predict/{source}/summary.json"),
+        masks=directory(P("predict/{source}/masks")),  # a segmentation's predicted masks (others: a README)
     params:
         data=dataset_path("anonymize/data"),  # the manifest's file paths start here (inputs above)
         model=lambda w, input: model_args(w, input),
@@ -33,7 +34,8 @@ rule predict:
         "../envs/predict.yaml"
     shell:
         "haven predict --manifest {input.manifest:q} --audit {input.audit:q} --data {params.data:q} {params.model} "
-        "--predictions {output.predictions:q} --summary {output.summary:q} --params {params.settings:q} > {log:q} 2>&1"
+        "--predictions {output.predictions:q} --summary {output.summary:q} --masks {output.masks:q} "
+        "--params {params.settings:q} > {log:q} 2>&1"
 
 
 rule reidentify:

@@ -263,8 +263,11 @@ def test_nifti_affine_and_png(ct, tmp_path):
     ipp = np.asarray([float(v) for v in ct.ImagePositionPatient])
     assert np.allclose(img.affine @ [0, 0, 0, 1], [-ipp[0], -ipp[1], ipp[2], 1])  # LPS -> RAS
     spacing = float(ct.PixelSpacing[0])
-    assert np.allclose(img.affine @ [1, 0, 0, 1] - img.affine @ [0, 0, 0, 1], [0, -spacing, 0, 0])  # next row
-    assert np.array_equal(np.asarray(img.dataobj)[..., 0], mask)
+    assert np.allclose(img.affine @ [0, 1, 0, 1] - img.affine @ [0, 0, 0, 1], [0, -spacing, 0, 0])  # next row
+    assert np.array_equal(np.asarray(img.dataobj)[..., 0].T, mask)  # x (columns) first
+    from haven.sources.masks import read_mask
+
+    assert np.array_equal(read_mask(tmp_path / "m.nii.gz"), mask)  # what haven writes, it reads back
     plain = nib.load(write_nifti(mask, tmp_path / "p.nii"))
     assert np.allclose(plain.affine, np.eye(4))
     png = np.asarray(Image.open(write_png(mask, tmp_path / "m.png")))

@@ -36,7 +36,7 @@ def cmd_predict(args) -> int:
                          "--predictions --summary")
     summary = predict(Inputs(Path(args.manifest), Path(args.audit), Path(args.data)), bundle,
                       Path(args.predictions), Path(args.summary), batch_size=int(s["predict"]["batch_size"]),
-                      workers=int(s["predict"]["threads"]))
+                      workers=int(s["predict"]["threads"]), masks=Path(args.masks) if args.masks else None)
     print(json.dumps({k: summary[k] for k in ("files", "predicted", "not_decoded", "per_class")}))
     return 0
 
@@ -59,7 +59,8 @@ def _by_hand(args, s: dict, bundle) -> int:
         print(f"audit FAILED ({gate['findings']} finding(s), see {gate['audit']}): nothing predicted")
         return 1
     summary = predict(Inputs(Path(gate["manifest"]), Path(gate["audit"]), Path(gate["data"])), bundle,
-                      dst / "predictions.csv", dst / "summary.json", batch_size=int(s["predict"]["batch_size"]))
+                      dst / "predictions.csv", dst / "summary.json", batch_size=int(s["predict"]["batch_size"]),
+                      masks=dst / "masks" if bundle.task.targets == "masks" else None)
     print(f"{summary['files']} file(s): {summary['predicted']} predicted, {summary['not_decoded']} not decoded; "
           f"per class {summary['per_class']}; predictions: {dst / 'predictions.csv'}")
     print(f"PHI zone (original identifiers; keep private): {gate['phi']}")
@@ -76,6 +77,8 @@ def add_commands(sub) -> None:
     p.add_argument("--data", help="stage: the folder the manifest's `file` column is relative to")
     p.add_argument("--predictions", help="stage output: predictions.csv")
     p.add_argument("--summary", help="stage output: summary.json")
+    p.add_argument("--masks", help="stage output: the folder of a segmentation's predicted masks (PNG, NIfTI, "
+                                   "DICOM-SEG); another task writes a README there saying it predicts none")
     p.add_argument("--model", help="the train stage's model.pt, or an MLflow model URI (models:/..., runs:/...)")
     p.add_argument("--evaluation", help="evaluate's metrics.json (temperature, decision rule) beside --model")
     p.add_argument("--registered", help="the register stage's registered.json (predict its champion)")

@@ -142,10 +142,16 @@ class Bundle:
         """One row per sample: the task's columns (:meth:`haven.learn.tasks.base.Task.rows`:
         ``p_<class>``, ``pcal_<class>`` temperature-scaled, ``predicted`` under the decision rule
         chosen on validation), the model's name and version and the input's hash."""
+        return self.outputs(samples, batch_size)[0]
+
+    def outputs(self, samples: np.ndarray, batch_size: int = 64) -> tuple[list[dict], np.ndarray | None]:
+        """:meth:`predict`'s rows and, for a task that predicts masks (segmentation), the masks
+        (N, S, S) uint8 at the model's input size; None otherwise."""
         probs = self.scores(samples, batch_size)
         rows = self.task.rows(probs, self.evaluation, self.classes)
-        return [{**row, "model": self.name, "model_version": self.version, "input_hash": input_hash(s)}
-                for row, s in zip(rows, samples)]
+        masks = self.task.masks(probs) if self.task.targets == "masks" else None
+        return ([{**row, "model": self.name, "model_version": self.version, "input_hash": input_hash(s)}
+                 for row, s in zip(rows, samples)], masks)
 
     def describe(self) -> dict:
         """What the model is, for ``GET /model``, the pyfunc's metadata and the report."""

@@ -1,8 +1,9 @@
 """Predicted masks written out: PNG (uint8 class labels), NIfTI and DICOM-SEG.
 
 * **PNG**: the label map as 8-bit grey (0 = background, k = the k-th class), lossless.
-* **NIfTI** (nibabel): the mask as a (rows, columns, 1) volume, i.e. array index (i, j) = pixel
-  (row, column), so ``nib.load(path).get_fdata()[..., 0]`` is the mask as predicted.  The affine is
+* **NIfTI** (nibabel): the mask as a (columns, rows, 1) volume, i.e. array index (i, j) = pixel
+  (column, row), x first as ITK and Slicer write a 2D image, so ``nib.load(path).get_fdata()[..., 0].T``
+  (or :func:`haven.sources.masks.read_mask`) is the mask as predicted.  The affine is
   NIfTI's RAS+ world: the identity for PNG/JPEG sources (no geometry), and for a DICOM source the
   image plane from ImagePositionPatient / ImageOrientationPatient / PixelSpacing (:func:`dicom_affine`),
   with DICOM's LPS x and y negated the way dcm2niix and nibabel do.  Pixel (0, 0) thus lands on
@@ -79,8 +80,12 @@ def write_nifti(mask: np.ndarray, path: str | os.PathLike, affine: np.ndarray | 
     import nibabel as nib
 
     path = Path(path)
-    data = _labels(mask)[:, :, None]
-    img = nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
+    # NIfTI's first axis is x, the columns (as ITK, ITK-SNAP and Slicer write a 2D image and as
+    # haven.sources.masks.read_mask reads one back): the (row, column) map is stored transposed, and
+    # the affine's first two columns (which step a row, a column) swapped with it
+    data = _labels(mask).T[:, :, None]
+    affine = None if affine is None else np.asarray(affine, dtype=np.float64)[:, [1, 0, 2, 3]]
+    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
     img.header.set_intent("label")
     img.set_qform(img.affine, code=1 if affine is not None else 0)
     img.set_sform(img.affine, code=1 if affine is not None else 2)

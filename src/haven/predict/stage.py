@@ -58,14 +58,17 @@ def _decode_block(bundle, block: list[tuple[int, list[str], str]]) -> list[tuple
     return out
 
 
-def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2) -> pd.DataFrame:
+def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2, masks: Path | None = None) -> pd.DataFrame:
     """The predictions table of an audited dataset (``inputs``: its anonymize manifest, audit and data).
     ``workers`` threads decode the next batches while the network runs on the current one (pydicom's
-    and PIL's decoders release the GIL): decoding costs as much as the forward pass at 64 px."""
+    and PIL's decoders release the GIL): decoding costs as much as the forward pass at 64 px.
+    ``masks``: the folder a segmentation's predicted masks go to (:mod:`haven.predict.masks`)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from haven.learn.masks import sample_rows
+
     check_audit(inputs.audit)
-    rows = pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False)
+    rows = sample_rows(pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False))
     members = slab_members(_Serial(), rows, Path(inputs.data), int(bundle.pixels.get("slab") or 0))
     items = [(i, paths, kind) for i, (paths, kind) in enumerate(zip(members, rows["kind"]))]
     blocks = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
@@ -84,12 +87,29 @@ def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2) -> pd
                 if st != "ok":
                     log.warning("%s: %s", rows["file"].iloc[i], st)
             if good:
-                for (i, _), row in zip(good, bundle.predict(np.stack([x for _, x in good]), batch_size)):
+                table_rows, predicted = bundle.outputs(np.stack([x for _, x in good]), batch_size)
+                for (i, _), row in zip(good, table_rows):
                     out[i] = row
+                if predicted is not None and masks is not None:
+                    _write_masks(good, predicted, rows, inputs, masks, bundle, out)
             bar.update(len(decoded))
     table = pd.concat([_ids(rows), pd.DataFrame(out, index=rows.index)], axis=1)
     table["status"] = status
     return table
+
+
+def _write_masks(good, predicted, rows: pd.DataFrame, inputs: Inputs, folder: Path, bundle, out: list) -> None:
+    """One batch's predicted masks as files; each row names them (``mask_files``)."""
+    from haven.predict.masks import write_one
+
+    for (i, _), m in zip(good, predicted):
+        try:
+            files = write_one(m, rows["file"].iloc[i], rows["kind"].iloc[i], Path(inputs.data), Path(folder),
+                              bundle.classes, bundle.name, bundle.version)
+        except Exception as e:  # the row keeps its prediction; the mask's failure is named, the cohort goes on
+            log.warning("%s: mask not written: %s", rows["file"].iloc[i], reason(e, Path(rows["file"].iloc[i])))
+            files = []
+        out[i]["mask_files"] = ";".join(files)
 
 
 def summary(table: pd.DataFrame, bundle) -> dict:
@@ -100,14 +120,27 @@ def summary(table: pd.DataFrame, bundle) -> dict:
     return {"files": int(len(table)), "predicted": int(len(ok)), "not_decoded": int(len(table) - len(ok)),
             "patients": int(ok["patient"].nunique()) if len(ok) else 0,
             "per_class": {c: int(n) for c, n in sorted(Counter(ok["predicted"]).items())} if len(ok) else {},
-            "mean_calibrated": {c: float(ok[f"pcal_{c}"].mean()) for c in classes} if len(ok) else {},
+            # calibrated where the task calibrates (pcal_), else its probabilities (a segmentation's p_<class>)
+            "mean_calibrated": {c: float(ok[col].mean()) for c in classes
+                                for col in [f"pcal_{c}" if f"pcal_{c}" in ok else f"p_{c}"] if col in ok}
+            if len(ok) else {},
             "model": bundle.describe()}
 
 
 def predict(inputs: Inputs, bundle, predictions: Path, summary_path: Path, *, batch_size: int = 64,
-            workers: int = 2) -> dict:
-    """The stage: write ``predictions`` (CSV) and ``summary_path`` (JSON); returns the summary."""
-    table = run(inputs, bundle, batch_size=batch_size, workers=workers)
+            workers: int = 2, masks: Path | None = None) -> dict:
+    """The stage: write ``predictions`` (CSV), ``summary_path`` (JSON) and, given ``masks``, the
+    predicted masks there (a task that predicts none: a README saying so); returns the summary."""
+    if masks is not None:
+        import shutil
+
+        from haven.predict.masks import mark_empty
+
+        shutil.rmtree(masks, ignore_errors=True)  # a re-run leaves no mask of a file no longer there
+        if bundle.task.targets != "masks":
+            mark_empty(masks, bundle.task.name)
+        Path(masks).mkdir(parents=True, exist_ok=True)
+    table = run(inputs, bundle, batch_size=batch_size, workers=workers, masks=masks)
     Path(predictions).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(predictions, table.to_csv(index=False))
     s = summary(table, bundle)
