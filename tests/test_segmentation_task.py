@@ -139,3 +139,33 @@ def test_val_metrics_of_perfect_and_empty_predictions():
     rows = get_task("segmentation", {"classes": CLASSES, "threshold_pixels": 5}).rows(perfect, {}, CLASSES)
     assert [r["predicted"] for r in rows] == ["lesion", "lesion", "none", "none"]
     assert rows[0]["lesion_pixels"] == 9 and rows[0]["p_lesion"] == 1.0
+
+
+def test_predict_writes_masks_at_the_files_own_size(audited, tmp_path):
+    """The predict stage on audited photos: a row per image, and its mask as PNG and NIfTI at the
+    photo's own 40 x 48 (the centre square predicted, the sides background)."""
+    from haven.learn.preprocess import Inputs
+    from haven.predict.bundle import Bundle
+    from haven.predict.stage import predict
+    from haven.sources.masks import read_mask
+
+    root, out, _, truth = audited
+    task = get_task("segmentation", {"classes": CLASSES})
+    cfg = {"epochs": 4, "freeze_epochs": 0, "batch_size": 8, "lr": 1e-2, "threads": 1, "patience": 10}
+    result = train.fit(out / "train.zarr", out / "val.zarr", {"backbone": "test_resnet", "weights": None}, cfg,
+                       tmp_path / "work", seed=0, task=task)
+    model_pt = tmp_path / "model.pt"
+    checkpoint.save_model(result, model_pt, "test_resnet", out / "train.zarr", train.hparams(cfg), task.name, task.options)
+    bundle = Bundle.load(model_pt)
+    masks = tmp_path / "masks"
+    summary = predict(Inputs(root / "manifest.csv", root / "audit.json", root / "data"), bundle,
+                      tmp_path / "predictions.csv", tmp_path / "summary.json", masks=masks)
+    table = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
+    assert summary["predicted"] == len(table) == 30  # the mask files are no samples
+    first = table.iloc[0]
+    files = first["mask_files"].split(";")
+    assert files == ["0/img00.png", "0/img00.nii.gz"]
+    png, nii = read_mask(masks / files[0]), read_mask(masks / files[1])
+    assert png.shape == (40, 48) and np.array_equal(png, nii)
+    assert (png[:, :4] == 0).all() and (png[:, 44:] == 0).all()  # outside the square the model saw
+    assert first["lesion_pixels"] >= 0 and first["predicted"] in ("lesion", "none")

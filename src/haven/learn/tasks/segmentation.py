@@ -104,7 +104,7 @@ class Segmentation(Task):
 
     def rows(self, scores: np.ndarray, evaluation: dict, classes: list[str]) -> list[dict]:
         """Per image: ``p_<class>`` (the class's highest pixel probability), ``<class>_pixels`` (its
-        predicted pixels) and ``predicted`` (the classes with at least ``threshold_pixels`` pixels,
+        predicted pixels, at the model's input size) and ``predicted`` (the classes with at least ``threshold_pixels`` pixels,
         joined by ``+``, or ``none``); the mask itself is :meth:`masks`."""
         if not len(scores):
             return []
