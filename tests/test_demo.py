@@ -28,10 +28,10 @@ def brain(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _series(root: Path) -> dict[str, list[pydicom.Dataset]]:
-    """PatientID folder -> datasets of its slices, in InstanceNumber order."""
+    """PatientID folder -> datasets of its slices, in InstanceNumber order (not the series' seg.dcm)."""
     out = {}
     for pdir in sorted(p for p in (root / "dicom").iterdir() if p.is_dir()):
-        files = sorted(pdir.rglob("*.dcm"), key=lambda f: int(f.stem))
+        files = sorted((f for f in pdir.rglob("*.dcm") if f.stem.isdigit()), key=lambda f: int(f.stem))
         out[pdir.name] = [pydicom.dcmread(f) for f in files]
     return out
 
@@ -278,6 +278,117 @@ def test_brain_ct_subtypes_have_their_own_shape_and_place():
         assert np.array_equal(after[base >= 100], base[base >= 100])  # bone is never painted
 
 
+def test_brain_ct_seg_exactly_for_the_lesion_series(brain):
+    """One seg.dcm beside the slices of every hemorrhage series, none for a normal one."""
+    out, summary = brain
+    labels = _labels(out)
+    with_seg = {}
+    for series_dir in {f.parent for f in (out / "dicom").rglob("1.dcm")}:
+        accession = series_dir.name.split("_", 1)[1]
+        with_seg[accession] = (series_dir / "seg.dcm").exists()
+        assert sorted(f.name for f in series_dir.iterdir() if f.name != "seg.dcm") == [f"{k}.dcm" for k in range(1, 5)]
+    assert with_seg == {a: v == "hemorrhage" for a, v in labels.items()}
+    assert summary["segmentations"] == 30 == sum(with_seg.values())
+    assert len(list((out / "dicom").rglob("seg.dcm"))) == 30
+
+
+def _seg_and_slices(out: Path):
+    """(segread SEG, the series' CT datasets) for every series with a seg.dcm."""
+    import highdicom as hd
+
+    for seg_path in sorted((out / "dicom").rglob("seg.dcm")):
+        files = sorted((f for f in seg_path.parent.glob("*.dcm") if f.stem.isdigit()), key=lambda f: int(f.stem))
+        yield hd.seg.segread(seg_path), [pydicom.dcmread(f) for f in files]
+
+
+def test_brain_ct_seg_references_its_series_and_carries_its_phi(brain):
+    """A standard BINARY SEG, segment 1 "lesion", referencing exactly the series' slices and copying
+    the patient/study identifiers (the de-identification must meet them there too)."""
+    out, _ = brain
+    n = 0
+    for seg, slices in _seg_and_slices(out):
+        ds = slices[0]
+        assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" == seg.file_meta.MediaStorageSOPClassUID
+        assert seg.SegmentationType == "BINARY" and seg.Modality == "SEG"
+        assert seg.number_of_segments == 1 and seg.get_segment_description(1).segment_label == "lesion"
+        refs = seg.get_source_image_uids()
+        assert {r[2] for r in refs} == {d.SOPInstanceUID for d in slices}
+        assert {(r[0], r[1]) for r in refs} == {(ds.StudyInstanceUID, ds.SeriesInstanceUID)}
+        assert seg.SeriesInstanceUID != ds.SeriesInstanceUID and seg.StudyInstanceUID == ds.StudyInstanceUID
+        assert seg.FrameOfReferenceUID == ds.FrameOfReferenceUID
+        for kw in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate"):
+            assert str(seg.get(kw)) == str(ds.get(kw)), kw
+        n += 1
+    assert n == 30
+
+
+def test_brain_ct_seg_lies_on_the_blood(brain):
+    """Inside the mask the stored slice is acute blood (55-100 HU), well above the brain around it."""
+    from scipy import ndimage as ndi
+
+    out, _ = brain
+    for seg, slices in _seg_and_slices(out):
+        uids = [d.SOPInstanceUID for d in slices]
+        frames = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0].astype(bool)
+        assert frames.shape == (4, 512, 512) and all(f.sum() >= 150 for f in frames)
+        for ds, mask in zip(slices, frames):
+            hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+            ring = ndi.binary_dilation(mask, iterations=8) & ~ndi.binary_dilation(mask, iterations=3)
+            brain = ring & (hu > 0) & (hu < 55)
+            assert 55 <= hu[mask].mean() <= 100
+            assert hu[mask].mean() - np.median(hu[brain]) > 20
+
+
+def test_brain_ct_seg_frames_are_the_drawn_masks(tmp_path, monkeypatch):
+    """The SEG holds, per slice, exactly the mask the generator drew (read back by SOP UID), and
+    that mask moves with each slice's shift (its centre is the lesion's in lesions.csv)."""
+    from haven import demolesions
+
+    drawn = {}
+    real = demolesions.segmentation
+
+    def spy(sources, masks, uids):
+        drawn.update({d.SOPInstanceUID: m.copy() for d, m in zip(sources, masks)})
+        return real(sources, masks, uids)
+
+    monkeypatch.setattr(demolesions, "segmentation", spy)
+    out = tmp_path / "b"
+    demo.make_brain_ct(out, n_patients=6, slices=3, seed=5)
+    with open(out / "lesions.csv", newline="") as fh:
+        centre = {(r["accession"], int(r["instance"])): (float(r["row"]), float(r["col"]))
+                  for r in csv.DictReader(fh)}  # the last lesion's; each slice moves all of them alike
+    seen = 0
+    for seg, slices in _seg_and_slices(out):
+        uids = [d.SOPInstanceUID for d in slices]
+        frames = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0].astype(bool)
+        acc = slices[0].AccessionNumber
+        for ds, frame in zip(slices, frames):
+            np.testing.assert_array_equal(frame, drawn[ds.SOPInstanceUID])
+            seen += 1
+            # slice k's mask is slice 1's moved by the shift lesions.csv records between them
+            shift = [round(a - b) for a, b in zip(centre[acc, ds.InstanceNumber], centre[acc, 1])]
+            np.testing.assert_array_equal(frame, np.roll(frames[0], shift, axis=(0, 1)))
+        assert len({f.tobytes() for f in frames}) > 1  # the slices did move (else the check above is empty)
+    assert seen == len(drawn) == 3 * 3  # three hemorrhage patients, three slices each
+
+
+def test_lesion_mask_is_where_blood_outweighs_tissue():
+    """The mask takes a pixel iff the blend made it more blood than tissue, and never bone."""
+    from haven import demolesions as dl
+
+    base, _ = demo.base_slice()
+    m = dl.anatomy(base)
+    les = [{"subtype": "subdural", "weight": dl.subdural(m, base.shape, np.random.default_rng(1)), "hu": 75.0}]
+    mask = dl.lesion_mask(base, les)
+    far = np.abs(75.0 - base) > 5  # where the blood fraction can be read back from the blend
+    frac = np.where(far, dl.blood_delta(base, les) / np.where(far, 75.0 - base, 1.0), np.nan)
+    painted = (les[0]["weight"] > 0) & (base < 100) & far
+    assert mask.sum() >= 150 and not mask[base >= 100].any()
+    assert np.all(frac[mask & far] > 0.5 - 1e-4) and np.all(frac[painted & ~mask] <= 0.5 + 1e-4)
+    assert (painted & ~mask).sum() > 50  # the soft edge exists and is left out
+    assert dl.lesion_mask(base, []).sum() == 0
+
+
 def test_brain_ct_planted_bad_files(brain):
     out, summary = brain
     trunc, notes = out / "dicom" / "truncated.dcm", out / "dicom" / "notes.dcm"
@@ -294,9 +405,11 @@ def test_brain_ct_deterministic_and_seeded(tmp_path):
     a = files(_make(tmp_path / "a", seed=3))
     b = files(_make(tmp_path / "b", seed=3))
     c = files(_make(tmp_path / "c", seed=4))
-    assert a == b
+    assert a == b  # the SEGs too: no "now" timestamps, no random UIDs
     assert a != c
-    assert sum(k.endswith(".dcm") for k in a) == 4 * 2 + 2
+    segs = [k for k in a if k.endswith("/seg.dcm")]
+    assert len(segs) == 2  # the two hemorrhage patients of four
+    assert sum(k.endswith(".dcm") for k in a) == 4 * 2 + 2 + len(segs)
 
 
 def _make(out, seed):

@@ -17,6 +17,12 @@ At the training size (64 px, 8x smaller) these stay apart: a thin long rim (subd
 thick rim (epidural), a central spot (intraventricular), a deep blob (intraparenchymal) and faint
 lines (subarachnoid, the hardest, as in real scans).  The windows 40/80 and 80/200 show the blood;
 the bone window shows where the skull is.
+
+:func:`lesion_mask` gives the pixels that are blood (more blood than tissue after the blend of
+:func:`blood_delta`), and :func:`segmentation` turns the stored slices' masks into one DICOM-SEG
+(highdicom, BINARY) per series: a single segment ``lesion`` (segment number 1, property type
+SNOMED "Hemorrhage") whatever the subtypes, so that a segmentation project's classes are
+``[background, lesion]`` (class index = segment number).
 """
 
 from __future__ import annotations
@@ -170,3 +176,49 @@ def geometry(lesion: dict, roll: tuple[int, int]) -> str:
     a, b = 2 * np.sqrt(max(vals[1], 0.0)), 2 * np.sqrt(max(vals[0], 0.0))
     theta = np.degrees(np.arctan2(vecs[1, 1], vecs[0, 1])) % 180
     return f"{cy:.1f},{cx:.1f},{a:.1f},{b:.1f},{theta:.1f},{lesion['subtype']},{len(pts)}"
+
+
+def lesion_mask(anat: np.ndarray, lesions: list[dict]) -> np.ndarray:
+    """Where :func:`blood_delta` made the slice more blood than tissue: some lesion's weight on soft
+    tissue is above 0.5 (the same cut as :func:`geometry`; the soft 2-px edge below it is less
+    blood than brain, so a mask that took it would claim brain pixels)."""
+    soft = anat < 100
+    out = np.zeros(anat.shape, bool)
+    for les in lesions:
+        out |= (les["weight"] > 0.5) & soft
+    return out
+
+
+def segmentation(sources: list, masks: np.ndarray, uids: dict):
+    """The series' lesion masks (``masks``: (slices, rows, cols) bool, one per source dataset, in
+    the stored slices' pixels) as a highdicom BINARY Segmentation referencing ``sources``.
+
+    ``uids`` gives ``series``, ``sop`` and ``dimension`` UIDs and ``date``/``time`` (DA/TM strings):
+    highdicom would otherwise stamp random UIDs and the current time (content, instance creation,
+    its contributing-equipment entry), and the demo must write the same bytes every run.  The patient and study modules (name, IDs, birth date, accession, study date) are copied
+    from the sources by highdicom, as a real SEG export carries them: de-identification must treat
+    a SEG like any DICOM.  Empty frames are omitted (highdicom's default)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Hemorrhage,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+        series_instance_uid=uids["series"], series_number=300, sop_instance_uid=uids["sop"],
+        instance_number=1, manufacturer="HAVEN", manufacturer_model_name="haven-demo",
+        software_versions="HAVEN-DEMO 1.0", device_serial_number="0", series_description="LESION MASK",
+        content_label="LESION", content_date=uids["date"], content_time=uids["time"],
+        series_date=uids["date"], series_time=uids["time"])
+    seg.InstanceCreationDate, seg.InstanceCreationTime = uids["date"], uids["time"]
+    for item in seg.ContributingEquipmentSequence:  # highdicom's own entry is stamped "now"
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = uids["date"] + uids["time"]
+    seg.DimensionOrganizationSequence[0].DimensionOrganizationUID = uids["dimension"]
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = uids["dimension"]
+    return seg
