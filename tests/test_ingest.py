@@ -92,9 +92,15 @@ def test_digits_ingest(digits):
 
 def test_brain_ingest_accepts_good_slices_and_labels_by_accession(brain):
     demo_dir, out, summary = brain
-    assert summary == {"files": 242, "accepted": 240, "quarantined": 2, "patients": 60}
-    rows = _read(out / "manifest.csv")
+    # 240 CT slices, and a DICOM-SEG of the lesions for each of the 30 hemorrhage series
+    assert summary == {"files": 272, "accepted": 270, "quarantined": 2, "patients": 60}
+    every = _read(out / "manifest.csv")
+    segs = [r for r in every if r["role"] == "mask"]
+    assert len(segs) == 30 and {r["modality"] for r in segs} == {"SEG"}
+    rows = [r for r in every if r["role"] == "image"]
+    assert len(rows) == 240
     labels = {r["accession"]: r["label"] for r in _read(demo_dir / "labels.csv")}
+    assert {labels[r["accession"]] for r in segs} == {"hemorrhage"}
     for r in rows:
         assert r["kind"] == "dicom" and r["modality"] == "CT"
         assert r["label"] == labels[r["accession"]]
@@ -170,10 +176,11 @@ def test_missing_label_row_quarantines_that_patients_files(tmp_path, brain):
     table = tmp_path / "my_labels.csv"
     table.write_text("accession,label\n" + "".join(f"{r['accession']},{r['label']}\n" for r in rows[1:]))
     summary = ingest(demo_dir / "dicom", tmp_path / "out", labels=table, label_key="accession")
-    assert summary["accepted"] == 236 and summary["quarantined"] == 6 and summary["patients"] == 59
+    seg = int(rows[0]["label"] == "hemorrhage")  # the dropped patient's DICOM-SEG goes with their 4 slices
+    assert summary["accepted"] == 236 + 30 - seg and summary["quarantined"] == 6 + seg and summary["patients"] == 59
     q = _read(tmp_path / "out" / "quarantine.csv")
     unlabeled = [r for r in q if r["reason"] == "no label for this file in my_labels.csv"]
-    assert len(unlabeled) == 4
+    assert len(unlabeled) == 4 + seg
     assert all(dropped not in r["reason"] for r in q)  # the key itself is not echoed
     assert dropped not in {r["accession"] for r in _read(tmp_path / "out" / "manifest.csv")}
 

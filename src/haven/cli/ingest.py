@@ -24,7 +24,9 @@ def cmd_ingest(args) -> int:
     s = settings(args)
     # labels are needed only from preprocess on: a de-identification-only project goes without
     summary = ingest(Path(args.source), out, **_labels(s), shard=parse_shard(args.shard),
-                     labels_required=s["until"] != "audit", label_folders=not s["unlabeled"],
+                     # a segmentation learns from masks: a label (table or folder) is optional there
+                     labels_required=s["until"] != "audit" and s.get("masks") is None,
+                     label_folders=not s["unlabeled"],
                      segmentation=_segmentation(s.get("masks")))
     print(json.dumps(summary))
     return 0

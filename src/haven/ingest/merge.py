@@ -45,7 +45,8 @@ def merge_ingest(shards: list[Path | Tables], out: Path | Tables, labels: Path |
                 continue
             if sop:
                 seen[sop] = row["path"]
-            kept_patients.add(row["patient_id"])
+            if row.get("role") != "mask":  # a patient counts by their samples, not by a segmentation
+                kept_patients.add(row["patient_id"])
             if labeller is not None:
                 used_keys.add(labeller.key(row))
             yield row

@@ -71,7 +71,7 @@ def ingest(source: Path, out: Path | Tables, labels: Path | None = None, label_k
         "files": len(manifest) + len(quarantine),
         "accepted": len(manifest),
         "quarantined": len(quarantine),
-        "patients": len({r["patient_id"] for r in manifest}),
+        "patients": len({r["patient_id"] for r in manifest if r.get("role") != "mask"}),  # patients with a sample
     }
     log.info("ingest %s: %d files, %d accepted, %d quarantined, %d patients", source,
              summary["files"], summary["accepted"], summary["quarantined"], summary["patients"])
@@ -126,10 +126,14 @@ def _read_all(files, labeller: Labels, check_pixels: bool, masks: "_Masks | None
 
 
 def _label_of_mask(labeller: Labels, row: dict, ids: list) -> None:
-    """A mask object (DICOM-SEG) is no sample: it takes a label where there is one, else none."""
+    """A mask object (DICOM-SEG) is no sample: it takes a label where there is one, else none; but
+    where a label table names the cohort, the SEG of a patient it leaves out goes with that
+    patient's images (quarantined: nothing of them travels on)."""
     try:
         labeller.apply(row, ids)
     except Quarantine:
+        if labeller.table is not None:
+            raise
         row["label"] = ""
 
 
