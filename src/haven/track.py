@@ -226,6 +226,10 @@ def register_model(files: RegisterFiles, tracking: dict, name: str,
     test = {f"test_{k}": v for k, v in _numeric(evaluated).items() if k not in ("n", "chance_accuracy")}
     report = Path(files.report)
     _, meta = load_model(files.model)
+    if metric not in test:  # best_metric is another task's (a segmentation has no balanced accuracy)
+        from haven.learn.tasks import get_task
+
+        metric = f"test_{get_task(meta.get('task', 'classification'), meta.get('task_options')).test_metric}"
 
     with session(tracking):
         client = MlflowClient()

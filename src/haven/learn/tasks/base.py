@@ -30,6 +30,9 @@ class Task(ABC):
     # whether a prediction's DICOM SR states every class with its probability (several findings at
     # once) or the predicted class alone
     reports_every_class: bool = False
+    # the test metric (a top-level number of metrics.json, higher is better) that picks the
+    # registry's champion when the config's best_metric is not one this task reports
+    test_metric: str = "balanced_accuracy"
     # what preprocess stores as the targets: "labels" (the task's encoding of the manifest label, one
     # row per sample) or "masks" (a class per pixel, decoded from mask files beside the images)
     targets: str = "labels"

@@ -68,6 +68,7 @@ class MultiLabel(Task):
     ``any``) is the finding whose binary view the shared trust sections use."""
 
     name = "multilabel"
+    test_metric = "macro_roc_auc"
     val_metric = "val_macro_roc_auc"
     reports_every_class = True  # a DICOM SR states every finding's probability, the negatives too
 

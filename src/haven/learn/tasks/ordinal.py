@@ -63,6 +63,7 @@ class Ordinal(Task):
     referable view (grade >= ``referable``) in the evaluation (:mod:`haven.trust.ordinal`)."""
 
     name = "ordinal"
+    test_metric = "qwk"
     val_metric = "val_qwk"
 
     def option(self, key: str):

@@ -23,6 +23,7 @@ from haven.learn.tasks.base import Task
 class Segmentation(Task):
     name = "segmentation"
     val_metric = "val_dice"
+    test_metric = "dice_present"  # Dice over the images that show a structure (an empty one scores 1 either way)
     targets = "masks"  # preprocess stores masks (N, H, W) as the targets, not one label per sample
     needs_labels = False  # an image without a label row is fine; one without a mask is all background
     reports_every_class = True
