@@ -169,3 +169,17 @@ def test_predict_writes_masks_at_the_files_own_size(audited, tmp_path):
     assert png.shape == (40, 48) and np.array_equal(png, nii)
     assert (png[:, :4] == 0).all() and (png[:, 44:] == 0).all()  # outside the square the model saw
     assert first["lesion_pixels"] >= 0 and first["predicted"] in ("lesion", "none")
+
+
+def test_masks_of_uid_named_files_do_not_collide(tmp_path):
+    """A de-identified DICOM file is named by its UID (dots and all): its masks keep the whole name
+    (a bug named every mask of a study 2.25.png)."""
+    from haven.predict.masks import write_one
+
+    (tmp_path / "data" / "0").mkdir(parents=True)
+    names = ["0/2.25.11.png", "0/2.25.12.png"]
+    for n in names:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / n)
+    written = [write_one(np.ones((4, 4), np.uint8) * i, n, "image", tmp_path / "data", tmp_path / "out", CLASSES,
+                         "m", "1") for i, n in enumerate(names)]
+    assert written == [["0/2.25.11.png", "0/2.25.11.nii.gz"], ["0/2.25.12.png", "0/2.25.12.nii.gz"]]

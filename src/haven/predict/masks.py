@@ -44,10 +44,10 @@ def write_one(mask: np.ndarray, file: str, kind: str, data_dir: Path, out_dir: P
 
     rows, cols, ds = _source_shape(Path(data_dir) / file, kind)
     full = unfit_mask(mask, (rows, cols))
-    stem = Path(file).with_suffix("")
-    target = Path(out_dir) / stem
+    target = Path(out_dir) / file[: -len(Path(file).suffix) or None]
     target.parent.mkdir(parents=True, exist_ok=True)
-    written = [seg.write_png(full, target.with_suffix(".png"))]
+    # names appended, never with_suffix: a DICOM file's stem is its UID, dots and all
+    written = [seg.write_png(full, target.parent / f"{target.name}.png")]
     affine = None
     if ds is not None:
         try:

@@ -91,15 +91,18 @@ def metric_rows(metrics: dict) -> list[tuple]:
     rows = [("n (test images)", metrics["n"])]
     for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC AUC"),
                       ("pr_auc", "PR AUC (average precision)")):
-        rows.append((name, ci(metrics.get(key), intervals.get(key))))
-    rows.append(("chance (majority class)", fmt(metrics.get("chance_accuracy"))))
+        if key in metrics:  # a task without the figure (a segmentation) gives its own tables instead
+            rows.append((name, ci(metrics.get(key), intervals.get(key))))
+    if "chance_accuracy" in metrics:
+        rows.append(("chance (majority class)", fmt(metrics.get("chance_accuracy"))))
     return rows
 
 
 def per_class_rows(metrics: dict) -> list[tuple]:
     intervals = (metrics.get("ci") or {}).get("per_class", {})
     return [(c, ci(v.get("sensitivity"), intervals.get(c, {}).get("sensitivity")),
-             ci(v.get("specificity"), intervals.get(c, {}).get("specificity"))) for c, v in metrics.get("per_class", {}).items()]
+             ci(v.get("specificity"), intervals.get(c, {}).get("specificity"))) for c, v in metrics.get("per_class", {}).items()
+            if "sensitivity" in v or "specificity" in v]
 
 
 def ci_note(metrics: dict) -> str:
