@@ -74,6 +74,11 @@ def test_models_learn(demo):
     assert ct["n"] > 0 and ct["roc_auc"] is not None
     subtypes = json.loads((work / "results/brain-ct-subtypes/evaluate/metrics.json").read_text())
     assert subtypes["macro_roc_auc"] is not None and subtypes["weighted_log_loss"] > 0
+    lesions = json.loads((work / "results/brain-ct-lesions/evaluate/metrics.json").read_text())
+    lo, hi = lesions["ci"]["dice_present"]
+    assert lo <= lesions["dice_present"] <= hi and lesions["dice_present"] > lesions["all_background_dice"] - 0.5
+    masks = work / "results/brain-ct-lesions/predict/new/masks"
+    assert len(list(masks.rglob("*.seg.dcm"))) == len(list(masks.rglob("*.png"))) >= 40  # a mask per new slice
     retina = json.loads((work / "results/retinopathy/evaluate/metrics.json").read_text())
     assert retina["qwk"] is not None and retina["ci"]["qwk"][0] <= retina["qwk"] <= retina["ci"]["qwk"][1]
 
