@@ -15,8 +15,8 @@ import numpy as np
 
 from haven.trust import plots
 from haven.trust.calibration import calibration
-from haven.trust.context import (Context, column, patient_clusters, put_scalar, read, safe_name, save_predictions,
-                                 tta_comparison)
+from haven.trust.context import (Context, column, patient_clusters, put_scalar, put_trust_scalars, read, safe_name,
+                                 save_predictions, tta_comparison)
 from haven.trust.explain import attribution_maps, gradcam_layer, randomization_test, select_examples
 from haven.trust.metrics import bootstrap_ci, positive_index
 from haven.trust.robustness import robustness, stratified_subsample
@@ -223,13 +223,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         safe = safe_name(c)
         put(f"sensitivity_{safe}", v.get("sensitivity"))
         put(f"specificity_{safe}", v.get("specificity"))
-    cal = metrics.get("calibration", {})
-    for k in ("ece", "ece_scaled", "brier", "brier_scaled", "nll", "nll_scaled", "temperature"):
-        put(k, cal.get(k))
-    sg = metrics.get("subgroups", {})
-    if sg.get("largest_gap"):
-        put("subgroup_largest_gap", sg["largest_gap"]["gap"])
-    put("subgroup_gap_flag", int(bool(sg.get("flagged"))))
+    put_trust_scalars(out, metrics)
     for m, v in (metrics.get("explain", {}).get("randomization_spearman") or {}).items():
         if m in ("gradcam", "integrated_gradients"):
             put(f"randomization_spearman_{m}", v)

@@ -128,6 +128,18 @@ def put_scalar(out: dict[str, float], name: str, v) -> None:
         out[f"test_{name}"] = float(v)
 
 
+def put_trust_scalars(out: dict[str, float], metrics: dict) -> None:
+    """The calibration and subgroup-audit scalars every task logs the same way (``test_ece``, ...,
+    ``test_subgroup_largest_gap``, ``test_subgroup_gap_flag``)."""
+    cal = metrics.get("calibration", {})
+    for k in ("ece", "ece_scaled", "brier", "brier_scaled", "nll", "nll_scaled", "temperature"):
+        put_scalar(out, k, cal.get(k))
+    sg = metrics.get("subgroups", {})
+    if sg.get("largest_gap"):
+        put_scalar(out, "subgroup_largest_gap", sg["largest_gap"]["gap"])
+    put_scalar(out, "subgroup_gap_flag", int(bool(sg.get("flagged"))))
+
+
 def safe_name(name: str) -> str:
     """A class or label name as an MLflow metric key part."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

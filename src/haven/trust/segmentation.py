@@ -53,8 +53,9 @@ import numpy as np
 
 from haven.trust import plots, segplots
 from haven.trust.calibration import calibration
-from haven.trust.context import Context, column, patient_clusters, put_scalar, read, safe_name
+from haven.trust.context import Context, column, patient_clusters, put_scalar, put_trust_scalars, read, safe_name
 from haven.trust.segmetrics import METRICS, case_metrics, lesion_view, segmentation_metrics
+from haven.trust.subgroups import add_attribute, attribute_groups
 
 __all__ = ["evaluate", "flat_metrics"]
 
@@ -237,12 +238,9 @@ def subgroups(test, y: np.ndarray, cases: dict, present: np.ndarray, score: np.n
                  "flagged": False}
     rows = []
     for attr in s["subgroups"]:
-        values = np.array(["unknown" if str(v).strip() in ("", "nan", "None") else str(v) for v in column(test, attr)])
-        if len(values) != len(y) or (values == "unknown").all():
-            out["skipped"][attr] = "not carried by this project's data (no known value on the test split)"
-            continue
-        if len(np.unique(values)) < 2:
-            out["skipped"][attr] = f"a single group on the test split ({values[0]})"
+        values, why = attribute_groups(column(test, attr), len(y))
+        if values is None:
+            out["skipped"][attr] = why
             continue
         groups = {}
         for g in np.unique(values):
@@ -250,16 +248,8 @@ def subgroups(test, y: np.ndarray, cases: dict, present: np.ndarray, score: np.n
             groups[str(g)] = _group_values(dice[m], iou[m], hd[m], lesion[m], present[m], score[m], called[m])
             rows += [{"attribute": attr, "group": str(g), "metric": k, "value": v} for k, v in groups[str(g)].items()]
         eligible = [g for g, v in groups.items() if v["n"] >= min_n and g != "unknown"]
-        gaps = _gaps(groups, eligible)
-        largest = max(gaps.items(), key=lambda kv: kv[1]["gap"], default=None)
-        entry = {"groups": groups, "overall": _group_values(dice, iou, hd, lesion, present, score, called),
-                 "eligible_groups": eligible, "gaps": gaps,
-                 "largest_gap": {"metric": largest[0], **largest[1]} if largest else None,
-                 "flagged": bool(largest and largest[1]["gap"] > gap_threshold)}
-        out["attributes"][attr] = entry
-        if largest and (out["largest_gap"] is None or largest[1]["gap"] > out["largest_gap"]["gap"]):
-            out["largest_gap"] = {"attribute": attr, "metric": largest[0], **largest[1]}
-        out["flagged"] = out["flagged"] or entry["flagged"]
+        add_attribute(out, attr, groups, _group_values(dice, iou, hd, lesion, present, score, called), eligible,
+                      _gaps(groups, eligible), gap_threshold)
     out["flagged_attributes"] = [a for a, e in out["attributes"].items() if e["flagged"]]
     if table_path is not None:
         pd.DataFrame(rows, columns=["attribute", "group", "metric", "value"]).to_csv(table_path, index=False)
@@ -460,13 +450,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     for k in ("roc_auc", "sensitivity", "specificity"):
         put(f"lesion_{k}", il.get(k))
     put("all_background_dice", metrics.get("all_background_dice"))
-    cal = metrics.get("calibration", {})
-    for k in ("ece", "ece_scaled", "brier", "brier_scaled", "nll", "nll_scaled", "temperature"):
-        put(k, cal.get(k))
-    sg = metrics.get("subgroups", {})
-    if sg.get("largest_gap"):
-        put("subgroup_largest_gap", sg["largest_gap"]["gap"])
-    put("subgroup_gap_flag", int(bool(sg.get("flagged"))))
+    put_trust_scalars(out, metrics)
     rob = metrics.get("robustness", {})
     put("robustness_clean_dice", rob.get("clean_dice"))
     for attack in ("fgsm", "pgd"):

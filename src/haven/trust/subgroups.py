@@ -29,6 +29,31 @@ def _nan_if_error(f):
     return g
 
 
+def attribute_groups(values, n: int) -> tuple[np.ndarray | None, str | None]:
+    """One attribute's per-image values with unknowns named ``unknown``, or (None, why it is not
+    audited): not carried by the data, or a single group on the test split."""
+    values = np.array(["unknown" if str(v).strip() in ("", "nan", "None") else str(v) for v in values])
+    if len(values) != n or (values == "unknown").all():
+        return None, "not carried by this project's data (no known value on the test split)"
+    if len(np.unique(values)) < 2:
+        return None, f"a single group on the test split ({values[0]})"
+    return values, None
+
+
+def add_attribute(out: dict, attr: str, groups: dict, overall: dict, eligible: list[str], gaps: dict,
+                  gap_threshold: float) -> None:
+    """One audited attribute into the audit record ``out``: its groups, gaps and largest gap, the
+    record's overall largest gap and flag updated."""
+    largest = max(gaps.items(), key=lambda kv: kv[1]["gap"], default=None)
+    entry = {"groups": groups, "overall": overall, "eligible_groups": eligible, "gaps": gaps,
+             "largest_gap": ({"metric": largest[0], **largest[1]} if largest else None),
+             "flagged": bool(largest and largest[1]["gap"] > gap_threshold)}
+    out["attributes"][attr] = entry
+    if largest and (out["largest_gap"] is None or largest[1]["gap"] > out["largest_gap"]["gap"]):
+        out["largest_gap"] = {"attribute": attr, "metric": largest[0], **largest[1]}
+    out["flagged"] = out["flagged"] or entry["flagged"]
+
+
 def subgroup_metric_functions(classes: list[str], positive: int) -> dict:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
@@ -85,13 +110,10 @@ def subgroup_audit(y: np.ndarray, probs: np.ndarray, classes: list[str], attribu
                  "gap_metrics": [m for m in gap_metrics if m in fns], "attributes": {}, "skipped": {},
                  "largest_gap": None, "flagged": False}
     rows = []
-    for attr, values in attributes.items():
-        values = np.array(["unknown" if str(v).strip() in ("", "nan", "None") else str(v) for v in values])
-        if len(values) != len(y) or (values == "unknown").all():
-            out["skipped"][attr] = "not carried by this project's data (no known value on the test split)"
-            continue
-        if len(np.unique(values)) < 2:
-            out["skipped"][attr] = f"a single group on the test split ({values[0]})"
+    for attr, given in attributes.items():
+        values, why = attribute_groups(given, len(y))
+        if values is None:
+            out["skipped"][attr] = why
             continue
         mf = MetricFrame(metrics=fns, y_true=y, y_pred=pred, sensitive_features={attr: values},
                          sample_params={"roc_auc": {"probs": prob_rows}})
@@ -109,14 +131,7 @@ def subgroup_audit(y: np.ndarray, probs: np.ndarray, classes: list[str], attribu
                 continue
             gaps[m] = {"gap": float(col.max() - col.min()), "best": str(col.idxmax()), "worst": str(col.idxmin()),
                        "best_value": float(col.max()), "worst_value": float(col.min())}
-        largest = max(gaps.items(), key=lambda kv: kv[1]["gap"], default=None)
-        entry = {"groups": groups, "overall": {m: (None if pd.isna(v) else float(v)) for m, v in mf.overall.items()},
-                 "eligible_groups": [str(g) for g in eligible.index], "gaps": gaps,
-                 "largest_gap": ({"metric": largest[0], **largest[1]} if largest else None),
-                 "flagged": bool(largest and largest[1]["gap"] > gap_threshold)}
-        out["attributes"][attr] = entry
-        if largest and (out["largest_gap"] is None or largest[1]["gap"] > out["largest_gap"]["gap"]):
-            out["largest_gap"] = {"attribute": attr, "metric": largest[0], **largest[1]}
-        out["flagged"] = out["flagged"] or entry["flagged"]
+        add_attribute(out, attr, groups, {m: (None if pd.isna(v) else float(v)) for m, v in mf.overall.items()},
+                      [str(g) for g in eligible.index], gaps, gap_threshold)
     out["flagged_attributes"] = [a for a, e in out["attributes"].items() if e["flagged"]]
     return out, pd.DataFrame(rows, columns=["attribute", "group", "metric", "value"])
