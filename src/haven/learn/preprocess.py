@@ -142,18 +142,13 @@ def _resize(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), resample), dtype=np.float32)
 
 
-def _slice_pixels(path: Path, kind: str, params: dict) -> np.ndarray:
-    """One file → float (C, H, W) in [0, 1] at its own size, C = the channels of one slice."""
+def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
+    """One file → float (C, size, size) in [0, 1], C = the channels of one slice."""
     a = reader_for(kind).pixels(path, params["mode"], params["windows"])
     want = slice_channels(params)
     if a.shape[0] != want:
         a = np.repeat(a.mean(axis=0, keepdims=True), want, axis=0) if want == 3 or a.shape[0] == 3 else a[:want]
-    return a
-
-
-def _one_slice(path: Path, kind: str, params: dict) -> np.ndarray:
-    """One file → float (C, size, size) in [0, 1]."""
-    return np.stack([_resize(c, params["size"]) for c in _square(_slice_pixels(path, kind, params))])
+    return np.stack([_resize(c, params["size"]) for c in _square(a)])
 
 
 def load_sample(path: Path | list, kind: str, params: dict) -> np.ndarray:
