@@ -98,7 +98,10 @@ def test_mlflow_has_tune_and_train_runs_per_project(demo):
         final = client.get_run(json.loads((work / "results" / name / "train" / "run.json").read_text())["mlflow_run_id"])
         assert final.data.tags["haven.stage"] == ("ensemble" if folds else "train")
         tune = next(r for r in runs if r.data.tags.get("haven.stage") == "tune" and "mlflow.parentRunId" not in r.data.tags)
-        assert "test_balanced_accuracy" in final.data.metrics
+        from haven.learn.tasks import get_task
+
+        # the task's own headline (a segmentation has no balanced accuracy: its Dice on lesion slices)
+        assert f"test_{get_task(conf['projects'][name].get('task', 'classification')).test_metric}" in final.data.metrics
         assert any(k.startswith("best_val_") for k in final.data.metrics)
         assert final.data.tags["haven.tune_run_id"] == tune.info.run_id
         for tag in ("haven.config_hash", "haven.data_manifest_hash", "haven.git_commit", "haven.snakemake_rule"):

@@ -72,8 +72,8 @@ def test_perfect_predictor_scores_one_and_hd95_zero():
     assert il["roc_auc"] == 1.0 and il["sensitivity"] == 1.0 and il["specificity"] == 1.0
     assert m["all_background_dice"] == 0.5  # half the images show a lesion
     flat = seg.flat_metrics(m)
-    assert flat["test_mean_dice"] == flat["test_dice_lesion"] == flat["test_lesion_roc_auc"] == 1.0
-    assert flat["test_mean_hd95"] == 0.0 and "test_mean_dice_ci_low" in flat
+    assert flat["test_dice"] == flat["test_dice_lesion"] == flat["test_lesion_roc_auc"] == 1.0
+    assert flat["test_hd95"] == 0.0 and "test_dice_ci_low" in flat and flat["test_dice_present"] == 1.0
 
 
 def test_all_background_predictor_scores_zero_on_lesions():

@@ -439,11 +439,11 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         put_scalar(out, name, v)
 
     ci = metrics.get("ci") or {}
-    for m in (*METRICS, "dice_present"):
-        put(f"mean_{m}", metrics.get(m))
+    for m in (*METRICS, "dice_present"):  # named as in metrics.json (the means) and the registry's tags
+        put(m, metrics.get(m))
         if ci.get(m):
-            put(f"mean_{m}_ci_low", ci[m][0])
-            put(f"mean_{m}_ci_high", ci[m][1])
+            put(f"{m}_ci_low", ci[m][0])
+            put(f"{m}_ci_high", ci[m][1])
         for c, v in (metrics.get("per_class") or {}).items():
             put(f"{m}_{safe_name(c)}", v.get(m))
     il = metrics.get("image_level") or {}
