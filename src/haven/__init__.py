@@ -15,3 +15,9 @@ The package follows the DAG (docs/architecture.md is the map):
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# highdicom's INFO lines name the SOP Instance UIDs it copies attributes from: an original UID in
+# a log outside the PHI zone (the pipeline test's leak scan found one in the demo's log)
+_logging.getLogger("highdicom").setLevel(_logging.WARNING)
