@@ -12,6 +12,13 @@ import numpy as np
 from haven.trust.calibration import expected_calibration_error, reliability_bins
 
 
+
+def grey_level_axis(ax, pixel_scale: float | None) -> None:
+    """A robustness plot's top axis: epsilon (normalized units) as 8-bit grey levels."""
+    if pixel_scale:
+        sec = ax.secondary_xaxis("top", functions=(lambda e: e * pixel_scale * 255, lambda v: v / pixel_scale / 255))
+        sec.set_xlabel("epsilon in 8-bit grey levels (x std x 255)", fontsize=8)
+
 def _plt():
     import matplotlib
 
@@ -210,9 +217,7 @@ def plot_robustness(rob: dict, path: Path, pixel_scale: float | None = None) -> 
     ax.set_xlabel("epsilon (L-inf, normalized pixel units)")
     ax.set_ylabel(f"accuracy (n = {rob['n']})")
     ax.set_ylim(0, 1.02)
-    if pixel_scale:
-        sec = ax.secondary_xaxis("top", functions=(lambda e: e * pixel_scale * 255, lambda v: v / pixel_scale / 255))
-        sec.set_xlabel("epsilon in 8-bit grey levels (x std x 255)", fontsize=8)
+    grey_level_axis(ax, pixel_scale)
     ax.legend(fontsize=8)
     ax.set_title("Adversarial robustness (test subsample)", fontsize=9)
     fig.tight_layout()

@@ -140,9 +140,9 @@ def plot_attack(rob: dict, path: Path | str, pixel_scale: float | None = None) -
     ax.set_xlabel("epsilon (L-inf, normalized pixel units)")
     ax.set_ylabel(f"mean foreground Dice (n = {rob['n']} images)")
     ax.set_ylim(0, 1.02)
-    if pixel_scale:
-        sec = ax.secondary_xaxis("top", functions=(lambda e: e * pixel_scale * 255, lambda v: v / pixel_scale / 255))
-        sec.set_xlabel("epsilon in 8-bit grey levels (x std x 255)", fontsize=8)
+    from haven.trust.plots import grey_level_axis
+
+    grey_level_axis(ax, pixel_scale)
     ax.legend(fontsize=8)
     ax.set_title("Adversarial robustness of the masks (test subsample)", fontsize=9)
     fig.tight_layout()
