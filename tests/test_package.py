@@ -22,6 +22,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundles import ct_bundle, ct_files, gray_bundle, gray_files  # noqa: E402
 
+import haven  # noqa: E402
 from haven.predict.bundle import Bundle  # noqa: E402
 
 
@@ -161,7 +162,8 @@ def test_pyfunc_package_carries_signature_example_and_metadata(registered):
     # identifiers in the tracking store: the pipeline's leak check found them there)
     code = registered["dir"] / "dl" / "code" / "haven"
     assert (code / "predict" / "bundle.py").is_file()
-    assert not (code / "demo.py").exists() and not (code / "demonew.py").exists()
+    assert not list(code.glob("demo*.py")), sorted(p.name for p in code.glob("demo*.py"))
+    assert (Path(haven.__file__).parent / "demolesions.py").is_file()  # there are more than demo.py to leave out
 
 
 def test_pyfunc_rejects_bad_rows_with_the_row_and_reason(registered):
