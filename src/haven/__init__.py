@@ -21,3 +21,5 @@ import logging as _logging
 # highdicom's INFO lines name the SOP Instance UIDs it copies attributes from: an original UID in
 # a log outside the PHI zone (the pipeline test's leak scan found one in the demo's log)
 _logging.getLogger("highdicom").setLevel(_logging.WARNING)
+# bidsschematools says at INFO, on every first use, which schema file it loaded: noise in each job's log
+_logging.getLogger("bidsschematools").setLevel(_logging.WARNING)

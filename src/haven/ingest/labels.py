@@ -16,7 +16,10 @@ from pathlib import Path, PurePosixPath
 
 from haven.sources.base import Quarantine
 
-LABEL_KEYS = ("accession", "patient_id", "path")
+LABEL_KEYS = ("accession", "patient_id", "path", "participant_id")
+# a key column named otherwise than the manifest field it matches: BIDS participants.tsv's
+# participant_id (sub-<label>) is a volume's patient_id (haven.sources.nifti)
+KEY_FIELDS = {"participant_id": "patient_id"}
 
 
 def load_labels(labels: Path, label_key: str | None, label_column: str | list[str]) -> tuple[dict, dict, str]:
@@ -28,11 +31,16 @@ def load_labels(labels: Path, label_key: str | None, label_column: str | list[st
     labels = Path(labels)
     if not labels.is_file():
         raise ValueError(f"labels file {labels} not found: fix `labels` in the config or create the file")
+    tsv = labels.suffix.lower() == ".tsv"
     try:
+        # utf-8-sig: spreadsheets often add a BOM; .tsv: BIDS participants.tsv, "n/a" for missing
         table = pd.read_csv(labels, dtype=str, keep_default_na=False, skipinitialspace=True,
-                            encoding="utf-8-sig")  # utf-8-sig: spreadsheets often add a BOM
+                            encoding="utf-8-sig", sep="\t" if tsv else ",")
+        if tsv:
+            table = table.replace({"n/a": ""})
     except Exception as e:
-        raise ValueError(f"labels file {labels} cannot be read as CSV ({type(e).__name__}: {e})") from None
+        raise ValueError(f"labels file {labels} cannot be read as {'TSV' if tsv else 'CSV'} "
+                         f"({type(e).__name__}: {e})") from None
     table.columns = [str(c).strip() for c in table.columns]
     if label_key is None:
         first = table.columns[0] if len(table.columns) else ""
@@ -123,7 +131,7 @@ class Labels:
 
     def key(self, row: dict) -> str:
         """The row's key into the table (``key_field`` must be set)."""
-        return norm_rel(row["path"]) if self.key_field == "path" else row[self.key_field]
+        return norm_rel(row["path"]) if self.key_field == "path" else row[KEY_FIELDS.get(self.key_field, self.key_field)]
 
     def apply(self, row: dict, ids: list[tuple[str, str]]) -> None:
         """Set ``row["label"]`` (and an image's patient from the table, recorded in ``ids``)."""
@@ -138,6 +146,10 @@ class Labels:
         if self.table is None and not self.folders:
             row["label"] = ""
             return
+        if self.table is None and row.get("kind") == "nifti" and row.get("patient_id", "").startswith("sub-"):
+            # a BIDS volume's folder is its datatype (anat), not a class
+            raise Quarantine("no label: a BIDS volume takes its label from participants.tsv: set `labels` to it, "
+                             "`label_key: participant_id` and `label_column` to the column to learn")
         if self.table is None:
             parent = PurePosixPath(row["path"]).parent
             if str(parent) in ("", "."):

@@ -16,6 +16,7 @@ from haven.ingest.tables import IDENTIFIER_COLUMNS, MANIFEST_COLUMNS, QUARANTINE
 from haven.io import atomic_write_text, csv_text
 from haven.progress import progress
 from haven.shards import shard_of
+from haven.sources import bids
 from haven.sources.base import Quarantine
 from haven.sources.masks import is_mask_name, mask_for, read_mask
 
@@ -180,23 +181,29 @@ class _Masks:
 
 def _iter_files(source: Path, skip: set[Path], keep=None):
     """(path, relative posix path, symlink problem or None), sorted, hidden names and the folders
-    ``skip`` (resolved) skipped; with ``keep(rel)`` only those paths (a shard's files: the others
+    ``skip`` (resolved) skipped, and in a BIDS dataset its folders that are not raw data and its
+    metadata files (:mod:`haven.sources.bids`); with ``keep(rel)`` only those paths (a shard's files: the others
     are not even stat'ed)."""
     root = source.resolve()
     found = []
 
-    def walk(folder: str, prefix: str) -> None:
+    def walk(folder: str, prefix: str, in_bids: bool) -> None:
         with os.scandir(folder) as it:
             entries = list(it)
+        names = {e.name for e in entries}
+        top = bids.DESCRIPTION in names  # a BIDS dataset's root: only its raw data are samples
+        in_bids = in_bids or top
         for e in entries:
             if e.name.startswith("."):
                 continue
             rel = prefix + e.name
             if e.is_dir(follow_symlinks=False):
-                if skip and Path(e.path).resolve() in skip:
+                if skip and Path(e.path).resolve() in skip or top and e.name in bids.NOT_RAW:
                     continue
-                walk(e.path, rel + "/")
+                walk(e.path, rel + "/", in_bids)
                 continue
+            if bids.is_companion(e.name, names, in_bids):
+                continue  # a sidecar or table: read through the volumes it describes
             if keep is not None and not keep(rel):
                 continue
             problem = None
@@ -216,6 +223,6 @@ def _iter_files(source: Path, skip: set[Path], keep=None):
                 problem = "not a regular file"
             found.append((Path(e.path), rel, problem))
 
-    walk(str(source), "")
+    walk(str(source), "", False)
     found.sort(key=lambda r: r[1])
     return found

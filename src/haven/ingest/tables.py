@@ -6,9 +6,11 @@ import dataclasses
 from pathlib import Path
 
 MANIFEST_COLUMNS = ["path", "kind", "patient_id", "study_uid", "series_uid", "sop_uid", "accession",
-                    "modality", "label", "sex", "age", "site", "rows", "cols", "role", "mask"]
+                    "modality", "label", "sex", "age", "site", "rows", "cols", "role", "mask",
+                    "session", "suffix", "shape", "spacing", "orientation"]
 # role: "image" (a sample) or "mask" (a DICOM-SEG; old manifests: empty = image); mask: the file
-# of an image's mask relative to the source (a segmentation project's PNG/TIFF/NIfTI masks), else ""
+# of an image's mask relative to the source (a segmentation project's PNG/TIFF/NIfTI masks), else "";
+# session..orientation: a NIfTI volume's BIDS session and suffix, shape, spacing (mm), axis codes
 IDENTIFIER_COLUMNS = ["patient_id", "tag", "value"]
 QUARANTINE_COLUMNS = ["path", "reason"]
 

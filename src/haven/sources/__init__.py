@@ -11,20 +11,27 @@ import contextlib
 from pathlib import Path
 
 from haven.sources.base import HEADER_FIELDS, NO, NotMine, Quarantine, Reader, reason
+from haven.sources.bids import volume_suffix
 from haven.sources.dicom import DicomReader
 from haven.sources.images import ImageReader
+from haven.sources.nifti import NiftiReader
 
-__all__ = ["HEADER_FIELDS", "READERS", "Quarantine", "Reader", "kind_of", "quiet", "read_header", "reader_for",
-           "reason"]
+__all__ = ["HEADER_FIELDS", "READERS", "Quarantine", "Reader", "file_suffix", "kind_of", "quiet", "read_header",
+           "reader_for", "reason"]
 
 # in order of preference: a tie between two readers' recognise() goes to the first
-READERS: tuple[Reader, ...] = (DicomReader(), ImageReader())
+READERS: tuple[Reader, ...] = (DicomReader(), NiftiReader(), ImageReader())
 _BY_KIND = {r.kind: r for r in READERS}
 # every reader's on-sight suffixes but its own (what its guesses give way to), worked out once
 _OTHERS = {r.kind: frozenset().union(*(o.suffixes for o in READERS if o is not r)) for r in READERS}
 NOT_SUPPORTED = "not " + " or ".join(r.description for r in READERS)
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh")
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
+
+
+def file_suffix(name: str) -> str:
+    """The lower-case extension readers are told: ``.nii.gz`` whole (a gzip archive otherwise)."""
+    return volume_suffix(name) or Path(name).suffix.lower()
 
 
 def reader_for(kind: str) -> Reader:
@@ -57,7 +64,7 @@ def read_header(path: Path, rel: str, check_pixels: bool) -> tuple[dict, list[tu
         head = fh.read(132)
         if not head:
             raise Quarantine("empty file (0 bytes)")
-        suffix = path.suffix.lower()
+        suffix = file_suffix(path.name)
         best, sure = None, NO
         for r in READERS:
             level = r.recognise(head, suffix, _OTHERS[r.kind])

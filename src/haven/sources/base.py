@@ -25,7 +25,9 @@ import numpy as np
 
 # the manifest fields a reader fills (ingest adds path, kind and label); "" when a kind has none
 HEADER_FIELDS = ("patient_id", "study_uid", "series_uid", "sop_uid", "accession", "modality",
-                 "sex", "age", "site", "rows", "cols")
+                 "sex", "age", "site", "rows", "cols", "session", "suffix", "shape", "spacing", "orientation")
+# session..orientation: a volume's (haven.sources.nifti): BIDS session and suffix, X x Y x Z voxels,
+# their size in mm, the axis codes (RAS...)
 
 # how sure a reader is that a file is its kind (:meth:`Reader.recognise`); the surest reader
 # wins, a tie goes to the reader listed first in ``haven.sources.READERS``
