@@ -19,6 +19,7 @@ FLAGS = {
     "pixels": "pixels.clean",
     "ocr": "pixels.ocr",
     "deface": "deface.enabled",
+    "deface_volumes": "deface.volumes",
 }
 
 
@@ -95,7 +96,7 @@ def add_commands(sub) -> None:
                        description="De-identify the files of SRC into DST/data (PS3.15 basic profile with the "
                                    "options below), quarantining what cannot be made safe, then audit the result. "
                                    "The PHI-zone tables go to a private folder outside DST (--work).")
-    p.add_argument("src", help="the export: a folder of DICOM files or images (any layout)")
+    p.add_argument("src", help="the export: a folder of DICOM files, images or NIfTI volumes (any layout, or a BIDS dataset)")
     p.add_argument("dst", help="folder for the de-identified files, manifest.csv and audit.json")
     p.add_argument("--key-file", help="the pseudonymization key (create one with `haven keygen K`)")
     p.add_argument("--key-env", help="environment variable holding the key (default: the schema's key_env, HAVEN_KEY); "
@@ -109,7 +110,8 @@ def add_commands(sub) -> None:
              "retain_patient_characteristics": "PS3.15 Retain Patient Characteristics (sex, age band, size)",
              "retain_longitudinal_modified_dates": "PS3.15 Retain Longitudinal Temporal Information, Modified Dates "
                                                    "(per-patient date shift)",
-             "ocr": "read burned-in pixel text by OCR", "deface": "deface 3D head volumes"}
+             "ocr": "read burned-in pixel text by OCR", "deface": "deface 3D head volumes (DICOM series and NIfTI)",
+             "deface_volumes": "deface NIfTI head MR volumes (T1w, T2w, FLAIR...) even without --deface"}
     for dest, text in bools.items():
         p.add_argument("--" + dest.replace("_", "-"), dest=dest, action=argparse.BooleanOptionalAction,
                        default=None, help=text)

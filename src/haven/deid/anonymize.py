@@ -44,6 +44,7 @@ from haven.deid.errors import AnonymizeError
 from haven.deid.images import clean_image
 from haven.deid.options import method_values, options as complete_options
 from haven.deid.table import option_actions
+from haven.deid.volumes import deidentify_volume
 from haven.deid.writer import TMP_PREFIX, Meta, method_items, write_bytes, write_dicom
 from haven.io import TEXT, atomic_write_text, csv_text, read_rows, write_rows
 from haven.progress import progress
@@ -161,6 +162,7 @@ class _Output(NamedTuple):
     series: str
     modality: str
     mask: str = ""
+    sidecar: str = ""  # a volume's JSON sidecar beside it
 
 
 class _Run:
@@ -192,8 +194,9 @@ class _Run:
         except Exception as e:  # the class name carries no PHI
             return self._quarantined(index, f"unexpected error ({type(e).__name__})")
         self.produced[out.rel] = index
-        if out.mask:
-            self.produced[out.mask] = index
+        for extra in (out.mask, out.sidecar):
+            if extra:
+                self.produced[extra] = index
         site = (row.get("site") or "").strip()
         self.manifest.append({
             "file": out.rel,
@@ -226,6 +229,8 @@ class _Run:
             raise AnonymizeError("input file not found")
         if kind == "dicom":
             return self._dicom(src, row)
+        if kind == "nifti":
+            return self._volume(src, row)
         if kind == "image":
             mask = self._mask(row.get("mask") or "")  # before any output: a bad mask leaves none
             data, suffix, changed = clean_image(src)
@@ -287,6 +292,18 @@ class _Run:
         # the new UIDs as written in the file (= keys.uid of the originals)
         return _Output(rel, changed, dicomraw.text(ds, 0x0020000D), dicomraw.text(ds, 0x0020000E),
                        row.get("modality", ""))
+
+    def _volume(self, src: Path, row: dict) -> _Output:
+        out = deidentify_volume(src, row, self.key, self.opts, self.source)
+        if out.rel in self.produced:
+            raise AnonymizeError(f"duplicate volume (same output as input {self.produced[out.rel]})")
+        side = out.rel[: -len(".nii.gz")] + ".json" if out.sidecar is not None else ""
+        write_bytes(out.volume, self.data / out.rel)
+        if side:
+            write_bytes(out.sidecar, self.data / side)
+        if out.defaced is not None:
+            log.info("defaced a %s volume: %d voxels removed", row.get("modality", ""), out.defaced)
+        return _Output(out.rel, out.changed, out.session, "", row.get("modality", ""), sidecar=side)
 
     def deface(self) -> None:
         """Deface the head volumes among the outputs; a series that fails is quarantined whole."""

@@ -29,6 +29,7 @@ from haven.deid.identifiers import Identifiers, load_identifiers, read_csv
 from haven.deid.options import options as complete_options
 from haven.deid.profile import CLEAN_DESCRIPTORS, safe_private_table
 from haven.deid.scan import PixelText, scan_csv, scan_file, scan_tree
+from haven.deid.volumes import check_defaced as check_volumes_defaced
 from haven.io import atomic_write_text
 from haven.progress import progress
 
@@ -129,7 +130,7 @@ def _scan_outputs(data: Sequence[Path], manifest: Path, log_csv: Path, identifie
                                 f"`haven ingest`")
     ids = _identifiers(load_identifiers(identifiers, ingest_manifest), key, max_shift_days, clean_descriptors,
                        retain_uids, safe_private)
-    patient_of = _patients(Path(ingest_manifest), log_csv)
+    patient_of = _patients(Path(ingest_manifest), log_csv, root)
     pixels = PixelText(ocr_modalities, ocr)
     files, findings = 0, []
     # the outputs the log lists are what the walk should find (a stale or stray file makes it more)
@@ -146,6 +147,8 @@ def _scan_outputs(data: Sequence[Path], manifest: Path, log_csv: Path, identifie
         findings.extend(scan_csv(path, ids))
     if deface and deface.get("enabled") and manifest.is_file():
         findings.extend(_check_defaced(root, read_csv(manifest), deface))
+    if manifest.is_file():  # NIfTI head volumes are defaced by default (anonymize.deface.volumes)
+        findings.extend(check_volumes_defaced(root, read_csv(manifest), deface or {}))
     return files, findings, ids, pixels
 
 
@@ -166,8 +169,9 @@ def _identifiers(entries: list[tuple[str, str, str]], key: bytes | None, max_shi
     return Identifiers(entries, shifts, retained, retain_uids, safe)
 
 
-def _patients(ingest_manifest: Path, log_csv: Path) -> dict[str, str]:
-    """Every output file -> the patient of its input (for the per-patient date check)."""
+def _patients(ingest_manifest: Path, log_csv: Path, root: Path | None = None) -> dict[str, str]:
+    """Every output file -> the patient of its input (for the per-patient date check), a volume's
+    JSON sidecar (under ``root``) with it."""
     patient_of: dict[str, str] = {}
     if ingest_manifest.is_file() and log_csv.is_file():
         inputs = read_csv(ingest_manifest)
@@ -177,7 +181,11 @@ def _patients(ingest_manifest: Path, log_csv: Path) -> dict[str, str]:
             except ValueError:
                 continue
             if row.get("output") and 0 <= index < len(inputs):
-                patient_of[row["output"]] = inputs[index].get("patient_id", "")
+                out = row["output"]
+                patient_of[out] = inputs[index].get("patient_id", "")
+                side = out[: -len(".nii.gz")] + ".json" if out.endswith(".nii.gz") else ""
+                if side and root is not None and (root / side).is_file():
+                    patient_of[side] = patient_of[out]
     return patient_of
 
 

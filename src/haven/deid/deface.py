@@ -307,3 +307,17 @@ def deface(datasets: list, opts: dict) -> int:
     for ds in datasets:
         ds.RecognizableVisualFeatures = "NO"
     return int(remove.sum())
+
+
+def deface_array(data: np.ndarray, affine: np.ndarray, modality: str, opts: dict) -> tuple[np.ndarray, int]:
+    """Deface one volume given as an array (a NIfTI's voxels, ``affine`` its voxel -> RAS mm; values
+    in the modality's units, HU for CT): (a defaced copy, the voxels in the removed region), the
+    region set to the volume's minimum (air).  Raises :class:`DefaceError`."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise DefaceError(f"a head volume must be 3-D to deface (this one has {data.ndim} dimensions)")
+    remove = face_mask(Volume(data, np.asarray(affine, float), [], []), modality.upper(), 1.0, 0.0, opts)
+    out = np.array(data, copy=True)
+    out[remove] = data.min()
+    return out, int(remove.sum())
+

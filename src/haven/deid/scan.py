@@ -314,14 +314,19 @@ def _scan_image(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
 
 
 def _scan_nifti(path: Path, ids: Identifiers, patient: str | None) -> Iterator[tuple[str, str]]:
-    """A NIfTI mask's header text fields and extensions: anonymize leaves none, so any is a finding."""
+    """A NIfTI volume's or mask's header text fields and extensions: anonymize leaves none but its
+    own mark in ``descrip`` (:data:`haven.deid.volumes.MARKS`), so any other is a finding."""
     import nibabel as nib
+
+    from haven.deid.volumes import MARKS
 
     img = nib.load(str(path))
     header = img.header
     for field in _NIFTI_TEXT:
         raw = header[field] if field in header else b""
         text = (raw.item() if hasattr(raw, "item") else raw).rstrip(b"\x00 ").decode("latin-1")
+        if field == "descrip" and text in MARKS:
+            continue
         if text.strip():
             yield f"NIfTI {field}", "metadata", text
             for kind in ids.match(text, "UN", patient):
@@ -332,6 +337,31 @@ def _scan_nifti(path: Path, ids: Identifiers, patient: str | None) -> Iterator[t
         yield f"NIfTI extension {i}", "metadata", text or None
         for kind in ids.match(text, "UN", patient):
             yield f"NIfTI extension {i}", kind, text
+
+
+def _scan_json(path: Path, ids: Identifiers, patient: str | None) -> Iterator[tuple[str, str]]:
+    """A volume's JSON sidecar: every key must be one anonymize keeps or shifts
+    (:func:`haven.deid.sidecar.action`), and no value may hold an identifier (an ISO date is also
+    compared in the ``YYYYMMDD`` form the dates were recorded in)."""
+    import json
+
+    from haven.deid import sidecar
+
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        yield "JSON", "metadata", None
+        return
+    for k, value in meta.items():
+        where = f"JSON {k}"
+        if sidecar.action(k) not in ("keep", "shift"):
+            yield where, "metadata", None  # a key anonymize removes: never accepted
+        texts = value if isinstance(value, list) else [value]
+        for text in (str(t) for t in texts if isinstance(t, (str, int, float))):
+            date = sidecar.compact_date(text)
+            for probe, vr in ((text, "UN"), (date, "DA")):
+                if probe:
+                    for kind in ids.match(probe, vr, patient):
+                        yield where, kind, text
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -377,6 +407,8 @@ def scan_file(path: Path, rel: str, ids: Identifiers, patient: str | None,
             hits = _scan_image(path, ids, patient)
         elif path.name.lower().endswith(NIFTI_SUFFIXES):
             hits = _scan_nifti(path, ids, patient)
+        elif path.suffix.lower() == ".json":
+            hits = _scan_json(path, ids, patient)
         elif _is_dicom_file(path):
             hits = _scan_dicom(path, ids, patient, pixels)
         else:
