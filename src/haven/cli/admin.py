@@ -19,11 +19,12 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from haven import demo, demonew, demoretina
+    from haven import demo, demomri, demonew, demoretina
 
     makers = {"digits": demo.make_digits, "brain-ct": demo.make_brain_ct,
               "digits-new": demonew.make_digits_new, "brain-ct-new": demonew.make_brain_ct_new,
-              "retinopathy": demoretina.make_retinopathy, "retinopathy-new": demoretina.make_retinopathy_new}
+              "retinopathy": demoretina.make_retinopathy, "retinopathy-new": demoretina.make_retinopathy_new,
+              "brain-mri": demomri.make_brain_mri, "brain-mri-new": demomri.make_brain_mri_new}
     summary = makers[args.name](Path(args.out), seed=args.seed)
     # counts only: the demo's details (sites, names) are the kind of PHI a log must not carry
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
@@ -62,7 +63,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="generate a demo dataset from packages (no download); *-new: held-back, "
                                     "unlabeled new patients for the predict DAG")
     p.add_argument("name", choices=["digits", "brain-ct", "digits-new", "brain-ct-new", "retinopathy",
-                                    "retinopathy-new"])
+                                    "retinopathy-new", "brain-mri", "brain-mri-new"])
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
