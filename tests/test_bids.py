@@ -264,3 +264,13 @@ def test_the_brain_mri_demo_passes_the_gate_with_all_its_planted_phi_found_on_th
     assert {"NIfTI descrip", "NIfTI aux_file", "NIfTI intent_name", "NIfTI db_name", "JSON InstitutionName",
             "JSON PatientName", "JSON AcquisitionDateTime", "file name"} <= places
     assert any(p.startswith("NIfTI extension") for p in places)
+
+
+@pytest.mark.parametrize("name", ["sub-01_ses-02_acq-mprage_run-01_T1w.nii.gz", "sub-MRN1_ses-20190304_T1w.json",
+                                  "T1w.json", "acq-fast_rec-norm_echo-2_T2w.nii", "sub-02_task-rest_dir-AP_bold.nii.gz"])
+def test_entities_agree_with_pybids(name):
+    from bids.layout import parse_file_entities
+
+    # pybids' index labels are padded ints (run-01 == run-1): compared as numbers
+    theirs = {k: str(int(v)) if isinstance(v, int) else str(v) for k, v in parse_file_entities("/" + name).items()}
+    assert bids.entities(name) == theirs

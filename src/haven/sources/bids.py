@@ -2,8 +2,7 @@
 
 A BIDS dataset is a folder holding ``dataset_description.json``; its raw data lie in
 ``sub-<label>[/ses-<label>]/<datatype>/`` named ``sub-<label>[_ses-<label>][_<entity>-<value>...]_<suffix>``.
-Entities are parsed by pybids (:func:`bids.layout.parse_file_entities`, the BIDS schema's
-patterns).  Sidecar metadata follow the *inheritance principle*: every ``.json`` on the way from
+Entities are parsed by the BIDS schema's entity keys (bidsschematools, shipped with pybids).  Sidecar metadata follow the *inheritance principle*: every ``.json`` on the way from
 the dataset root down to the file's folder whose entities are a subset of the file's and whose
 suffix is the file's applies, deeper ones overriding.  That walk is done here, with each folder
 listed once, rather than by a pybids ``BIDSLayout``: a layout indexes the whole dataset into a
@@ -58,15 +57,39 @@ def is_companion(name: str, folder_names: frozenset[str] | set[str], in_bids: bo
     return False
 
 
+@functools.lru_cache(maxsize=1)
+def _entity_names() -> tuple[dict[str, str], frozenset[str]]:
+    """(short key -> entity name, the entities whose labels are indices), from the BIDS schema
+    (bidsschematools, which pybids ships): ``ses`` -> ``session``, ``run`` an index."""
+    from bidsschematools import schema
+
+    found = schema.load_schema().objects.entities
+    names = {str(v["name"]): str(k) for k, v in found.items()}
+    return names, frozenset(str(k) for k, v in found.items() if v.get("format") == "index")
+
+
 @functools.lru_cache(maxsize=65536)
 def entities(name: str) -> dict:
-    """The BIDS entities of a file name (``subject``, ``session``, ``suffix``, ``acquisition``,
-    ``run``, ...; ``extension``), by pybids (about 1 ms a name: cached, a folder's sidecars are
-    matched against each of its volumes); {} for a name that has none."""
-    from bids.layout import parse_file_entities
-
-    found = parse_file_entities("/" + name)
-    return {k: str(v) for k, v in found.items()}
+    """The BIDS entities of a file name: ``subject``, ``session``, ``acquisition``, ``run`` (an
+    index: ``01`` and ``1`` are one run), ..., ``suffix`` and ``extension``; {} for a name that has
+    no suffix.  Parsed here by the schema's key names rather than by pybids' path patterns, which
+    take ~1 ms a name (ingest parses every volume's and every sidecar's)."""
+    names, indices = _entity_names()
+    base = stem(name)
+    extension = name[len(base):]
+    pieces = base.split("_")
+    out: dict[str, str] = {}
+    for piece in pieces[:-1]:
+        key, sep, label = piece.partition("-")
+        if not sep or key not in names:
+            return {}
+        entity = names[key]
+        out[entity] = str(int(label)) if entity in indices and label.isdigit() else label
+    if not pieces[-1] or "-" in pieces[-1]:
+        return {}
+    out["suffix"] = pieces[-1]
+    out["extension"] = extension
+    return out
 
 
 def root_of(path: Path, source: Path) -> Path | None:
