@@ -1,5 +1,5 @@
 rule demo_data:
-    """Generate a demo dataset from installed packages (scikit-learn digits, pydicom head CT)."""
+    """Generate a demo dataset from installed packages (scikit-learn digits, pydicom head CT, scikit-image fundus, nilearn MNI152 brain)."""
     output:
         directory(f"{DEMO_ROOT}/{{demo}}"),
     resources:
@@ -7,7 +7,7 @@ rule demo_data:
     log:
         f"{R}/logs/demo_{{demo}}.log",
     wildcard_constraints:
-        demo="digits|brain-ct|retinopathy|digits-new|brain-ct-new|retinopathy-new",
+        demo="digits|brain-ct|retinopathy|brain-mri|digits-new|brain-ct-new|retinopathy-new|brain-mri-new",
     conda:
         "../envs/ingest.yaml"
     shell:
