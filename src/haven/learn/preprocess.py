@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from haven.io import atomic_write_text
+from haven.learn import volumestore
 from haven.learn.geometry import square as _square
 from haven.progress import progress
 from haven.sources import reader_for
@@ -169,11 +170,14 @@ def load_batch(paths: list, kinds: list[str], params: dict) -> np.ndarray:
         try:
             out.append(load_sample(p, k, params))
         except Exception as e:
-            name = p if isinstance(p, (str, Path)) else p[len(p) // 2]
-            raise DecodeError(f"{name} cannot be decoded ({type(e).__name__}: {e}); remove it from the source "
-                              "(ingest checks pixel data by its structure and cannot see damage inside a compressed "
-                              "stream) and re-run the pipeline") from None
+            raise _decode_error(p if isinstance(p, (str, Path)) else p[len(p) // 2], e) from None
     return np.stack(out)
+
+
+def _decode_error(name, e: Exception) -> DecodeError:
+    return DecodeError(f"{name} cannot be decoded ({type(e).__name__}: {e}); remove it from the source "
+                       "(ingest checks pixel data by its structure and cannot see damage inside a compressed "
+                       "stream) and re-run the pipeline")
 
 
 # the settings that turn a file into a stored sample: the trained model carries them (model.pt),
@@ -182,8 +186,12 @@ PIXEL_KEYS = ("size", "mode", "windows", "slab")
 
 
 def pixel_settings(params: dict) -> dict:
-    """The part of the preprocess settings that decides a sample's pixels (:data:`PIXEL_KEYS`)."""
-    return {k: params[k] for k in PIXEL_KEYS}
+    """The part of the preprocess settings that decides a sample's pixels (:data:`PIXEL_KEYS`; a
+    volume's also its ``dims`` and ``spacing``)."""
+    out = {k: params[k] for k in PIXEL_KEYS}
+    if volumestore.is_volume(params):
+        out.update(dims=3, spacing=volumestore.volume_spacing(params))
+    return out
 
 
 def slice_channels(params: dict) -> int:
@@ -191,7 +199,9 @@ def slice_channels(params: dict) -> int:
 
 
 def channels(params: dict) -> int:
-    """Channels of a stored sample: a slice's, times the slab's slices (``params`` complete)."""
+    """Channels of a stored sample: a slice's, times the slab's slices (``params`` complete); a volume's."""
+    if volumestore.is_volume(params):
+        return volumestore.channels(params)
     return slice_channels(params) * (2 * params["slab"] + 1)
 
 
@@ -284,14 +294,38 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
     task's ``targets`` as ``labels`` (one row per sample, of any width), and the columns the subgroup analysis reads.  ``progress``:
     a :class:`haven.progress.Progress` told how many samples each finished chunk wrote."""
     import zarr
-    from dask.distributed import as_completed
-    from zarr.codecs import BloscCodec
     from zarr.dtype import VariableLengthUTF8
 
     size, chunk, c = params["size"], params["chunk"], channels(params)
     if store.exists():
         shutil.rmtree(store)
     group = zarr.open_group(store, mode="w")
+    n = len(rows)
+    if volumestore.is_volume(params):  # one volume per chunk (volumestore's layout)
+        masks, chunk = _write_volumes(client, group, rows, data_dir, params, progress, mask_sources), 1
+    else:
+        masks = _write_images(client, group, rows, data_dir, params, progress, mask_sources)
+    if masks is not None:  # the image-level view: does the image show any foreground at all
+        targets = _foreground(masks, chunk)
+    group.create_array("labels", data=targets, chunks=(max(n, 1),) + tuple(targets.shape[1:]))
+    for col in ("patient", "sex", "age_band", "site"):
+        arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
+        if n:
+            arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
+    group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
+                        "slab": params["slab"], "pixels": pixel_settings(params),
+                        "targets": "labels" if masks is None else "masks"})
+    if volumestore.is_volume(params):
+        group.attrs.update(volumestore.attrs(params))
+
+
+def _write_images(client, group, rows: pd.DataFrame, data_dir: Path, params: dict, progress,
+                  mask_sources: list | None):
+    """A 2-D split's ``images`` (and ``masks``), decoded and written by the workers; the masks array."""
+    from dask.distributed import as_completed
+    from zarr.codecs import BloscCodec
+
+    size, chunk, c = params["size"], params["chunk"], channels(params)
     n = len(rows)
     images = group.create_array(
         "images", shape=(n, c, size, size), chunks=(min(chunk, max(n, 1)), c, size, size), dtype="uint8",
@@ -313,16 +347,42 @@ def write_split(client, rows: pd.DataFrame, data_dir: Path, store: Path, params:
             written = future.result()  # a DecodeError on a worker is raised here
             if progress is not None:
                 progress.update(written)
-    if masks is not None:  # the image-level view: does the image show any foreground at all
-        targets = _foreground(masks, chunk)
-    group.create_array("labels", data=targets, chunks=(max(n, 1),) + tuple(targets.shape[1:]))
-    for col in ("patient", "sex", "age_band", "site"):
-        arr = group.create_array(col, shape=(n,), dtype=VariableLengthUTF8(), chunks=(max(n, 1),))
-        if n:
-            arr[:] = rows[col].fillna("").astype(str).to_numpy(dtype=object)
-    group.attrs.update({"classes": classes, "size": size, "channels": c, "mode": params["mode"],
-                        "slab": params["slab"], "pixels": pixel_settings(params),
-                        "targets": "labels" if masks is None else "masks"})
+    return masks
+
+
+def _store_volume(images, masks, i: int, path: str, mask_path: str | None, params: dict) -> str:
+    """Fit one volume (and its mask) and write it as chunk ``i`` (runs on a Dask worker, holding
+    this one volume); its info as JSON.  No mask file: the chunk stays unwritten, all background."""
+    try:
+        image, mask, info = volumestore.fit_volume(path, mask_path, params)
+    except Exception as e:
+        raise _decode_error(path, e) from None
+    images[i] = image
+    if masks is not None and mask is not None:
+        masks[i] = mask
+    return info
+
+
+def _write_volumes(client, group, rows: pd.DataFrame, data_dir: Path, params: dict, progress,
+                   mask_sources: list | None):
+    """A volume split's ``images`` (and ``masks``), one task and chunk per volume, and its ``info``
+    (gathered here: one small array, written once); the masks array."""
+    from dask.distributed import as_completed
+
+    n = len(rows)
+    images, masks = volumestore.create_arrays(group, n, channels(params), volumestore.volume_size(params),
+                                              mask_sources is not None)
+    sources = mask_sources if mask_sources is not None else [None] * n
+    futures = {client.submit(_store_volume, images, masks, i, str(data_dir / f),
+                             sources[i] if isinstance(sources[i], str) else None, params, pure=False): i
+               for i, f in enumerate(rows["file"])}
+    infos = [""] * n
+    for future in as_completed(futures):
+        infos[futures[future]] = future.result()  # a DecodeError on a worker is raised here
+        if progress is not None:
+            progress.update(1)
+    volumestore.write_info(group, infos)
+    return masks
 
 
 def _foreground(masks, chunk: int) -> np.ndarray:
@@ -342,9 +402,10 @@ def channel_stats(store: Path) -> tuple[list[float], list[float]]:
     step = images.chunks[0]
     for i in range(0, images.shape[0], step):
         x = images[i:i + step].astype(np.float64) / 255.0
-        s += x.sum(axis=(0, 2, 3))
-        ss += (x ** 2).sum(axis=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
+        axes = (0,) + tuple(range(2, x.ndim))  # all but the channel: (N, C, H, W) or a volume's (N, C, D, H, W)
+        s += x.sum(axis=axes)
+        ss += (x ** 2).sum(axis=axes)
+        count += x.size // c
     mean = s / max(count, 1)
     std = np.sqrt(np.maximum(ss / max(count, 1) - mean ** 2, 1e-12))
     return mean.tolist(), std.tolist()
@@ -395,6 +456,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
     manifest = sample_rows(every)  # a DICOM-SEG is a mask object, never a sample
     if manifest.empty:
         raise ValueError(f"{inputs.manifest} lists no files: check the ingest quarantine list")
+    volumestore.check_settings(params, manifest["kind"], inputs.manifest)
     if task.needs_labels:
         require_labels(manifest, inputs.manifest)
     classes = task.classes(manifest["label"])
@@ -425,7 +487,7 @@ def preprocess(inputs: Path | Inputs, outputs: Path | Outputs, params: dict, *, 
     stats = {
         "classes": classes,
         "channels": channels(params),
-        "size": params["size"],
+        "size": volumestore.volume_size(params) if volumestore.is_volume(params) else params["size"],
         "mean": mean,
         "std": std,
         "samples": {name: int((manifest["split"] == name).sum()) for name in SPLITS},
