@@ -99,8 +99,21 @@ def save_model(result, path: str | Path, backbone: str, train_store: str | Path,
         "in_chans": split.channels, "size": int(split.images.shape[-1]),
         "mean": split.mean.tolist(), "std": split.std.tolist(), "hparams": hp,
         "best_epoch": result.best_epoch, "task": task, "task_options": dict(task_options or {}),
-        "pixels": split.group.attrs.get("pixels"),
+        "pixels": split.group.attrs.get("pixels"), **_volume_meta(split, result.model, hp),
     }))
+
+
+def _volume_meta(split, model: nn.Module, hp: dict) -> dict:
+    """What a 3D model adds to model.pt (nothing for slices): ``dims`` 3 (load_model builds the 3D
+    network), ``size`` [D, H, W], the ``spacing`` in mm the volumes were resampled to, and ``patch``,
+    the training patch that is the sliding-window roi at inference."""
+    from haven.learn.data import store_dims
+    from haven.learn.net3d import train_patch
+
+    if store_dims(split) != 3:
+        return {}
+    return {"dims": 3, "size": [int(s) for s in split.images.shape[-3:]], "spacing": split.group.attrs.get("spacing"),
+            "patch": train_patch(model, split, hp)}  # None: a classifier of whole volumes
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -117,7 +130,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     outputs = task.outputs(list(meta["classes"]), meta.get("hparams"))
 
     def network(state: dict) -> nn.Module:
-        model = task.network(meta["backbone"], outputs, None, meta["in_chans"])
+        extra = {"dims": 3} if meta.get("dims") == 3 else {}  # a volume model (haven.learn.net3d)
+        model = task.network(meta["backbone"], outputs, None, meta["in_chans"], **extra)
         model.load_state_dict(state)
         return model
 

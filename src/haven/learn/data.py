@@ -139,10 +139,17 @@ class _Concat:
         return self.arrays[k][int(i - (self.ends[k - 1] if k else 0))]
 
 
+def store_dims(split: ZarrSplit) -> int:
+    """3 for a volume project's store (attrs ``dims: 3``, images (N, C, D, H, W)), else 2."""
+    return int(split.group.attrs.get("dims", 2))
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float, normalized with the train split's statistics (on device)."""
+    """uint8 (N, C, H, W) or volumes (N, C, D, H, W) → float, normalized with the train split's
+    statistics (on device)."""
     x = x.float().div_(255.0)
-    return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # per channel, whatever the spatial dimensions
+    return (x - mean.view(shape).to(x.device)) / std.view(shape).to(x.device)
 
 
 def augment_pair(x: torch.Tensor, masks: torch.Tensor, aug: dict, strength: float,

@@ -3,7 +3,9 @@
 Schedule: a new head; ``freeze_epochs`` epochs with the backbone frozen (head only), then
 the whole backbone (or its last N stages) unfrozen with a smaller, discriminative learning
 rate.  AdamW, linear warmup then cosine decay, AMP (bf16, or fp16 with a gradient scaler) and
-channels_last on GPU.  The project's task (:mod:`haven.learn.tasks`) gives the head's width, the
+channels_last on GPU.  A volume store (``dims: 3``) trains a MONAI 3D network from scratch
+(:mod:`haven.learn.net3d`: no frozen phase, one learning rate, random patches, 3D augmentation,
+sliding-window validation).  The project's task (:mod:`haven.learn.tasks`) gives the head's width, the
 loss and the validation metrics.  A checkpoint (model, optimizer, scheduler, scaler, RNG states,
 history) is written atomically after every epoch; a new run resumes from it
 (:mod:`haven.learn.checkpoint`).
@@ -36,8 +38,9 @@ from torch import nn
 
 from haven.io import atomic_write_text
 from haven.learn import checkpoint as ckpt
-from haven.learn import ddp, infer
-from haven.learn.data import ZarrSplit, augment, augment_pair, normalize
+from haven.learn import ddp, infer, net3d
+from haven.learn.augment3d import augment_volumes
+from haven.learn.data import ZarrSplit, augment, augment_pair, normalize, store_dims
 from haven.learn.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,10 @@ def build_optimization(model: nn.Module, hp: dict, epochs: int, steps_per_epoch:
     from haven.learn.models import backbone_and_head
 
     backbone_params, head_params = backbone_and_head(model)
+    # a 3D network has no pretrained backbone to spare (haven.learn.net3d): one learning rate
+    factor = 1.0 if _dims(model) == 3 else hp["backbone_lr_factor"]
     groups = [{"params": head_params, "lr": hp["lr"]},
-              {"params": backbone_params, "lr": hp["lr"] * hp["backbone_lr_factor"]}]
+              {"params": backbone_params, "lr": hp["lr"] * factor}]
     if hp["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=hp["weight_decay"])
     else:
@@ -134,16 +139,22 @@ def run_epoch(model: nn.Module, step_model: nn.Module, split: ZarrSplit, loss_fn
     batches = split.batches(int(hp["batch_size"]), shuffle=True, rng=rng, balanced=hp["balance"] == "sampler",
                             pin_memory=dev.type == "cuda", shard=(rank, world))
     aug_cfg, strength = hp["augment"], float(hp["augment_strength"])
+    volumes, patch = store_dims(split) == 3, net3d.train_patch(model, split, hp)
     with ddp.join(step_model, world):
         for x, y in batches:
             x = normalize(x.to(dev, non_blocking=True), split.mean, split.std)
             y = y.to(dev, non_blocking=True)
-            if split.targets == "masks":  # the masks move with their images
+            if volumes:  # a random patch of each (foreground-biased for masks; None: whole), augmented in 3D
+                masks = y.long() if split.targets == "masks" else None
+                x, masks = net3d.random_patches(x, masks, patch, aug_gen)
+                x, masks = augment_volumes(x, masks, aug_cfg, strength, aug_gen)
+                y = y if masks is None else masks
+            elif split.targets == "masks":  # the masks move with their images
                 x, y = augment_pair(x, y.long(), aug_cfg, strength, aug_gen)
             else:
                 x = augment(x, aug_cfg, strength, aug_gen)
             if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=_memory_format(x.ndim))
             with infer.autocast(dev, hp["amp"]):
                 loss = loss_fn(step_model(x), y)
             opt.optimizer.zero_grad(set_to_none=True)
@@ -156,8 +167,11 @@ def run_epoch(model: nn.Module, step_model: nn.Module, split: ZarrSplit, loss_fn
     return total, seen
 
 
-def validate(model: nn.Module, split: ZarrSplit, task: Task, amp: str) -> dict:
-    """The task's validation metrics (``val_*``) of the model on ``split``."""
+def validate(model: nn.Module, split: ZarrSplit, task: Task, amp: str, hp: dict | None = None) -> dict:
+    """The task's validation metrics (``val_*``) of the model on ``split`` (volumes: whole, or by
+    sliding windows of the training patch, :func:`haven.learn.net3d.validate3d`; needs ``hp``)."""
+    if store_dims(split) == 3:
+        return net3d.validate3d(model, split, task, {**(hp or {}), "amp": amp})
     scores, targets = infer.predict(model, split, task, amp)
     return task.val_metrics(targets, scores)
 
@@ -192,12 +206,23 @@ class Result:
     resumed_from: int
 
 
+def _dims(model: nn.Module) -> int:
+    return int(getattr(model, "haven_info", {}).get("dims", 2))
+
+
+def _memory_format(ndim: int) -> torch.memory_format:
+    # channels-last for the GPU's convolutions: NHWC for images, NDHWC for volumes
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 def _build(backbone: str, model_cfg: dict, task: Task, split: ZarrSplit, dev: torch.device,
            hp: dict | None = None) -> nn.Module:
-    model = task.network(backbone, task.outputs(split.classes, hp), model_cfg["weights"], split.channels)
+    dims = store_dims(split)
+    extra = {"dims": 3} if dims == 3 else {}  # a 2D task's network() need not know about volumes
+    model = task.network(backbone, task.outputs(split.classes, hp), model_cfg["weights"], split.channels, **extra)
     model.to(dev)
     if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=_memory_format(dims + 2))
     return model
 
 
@@ -240,8 +265,9 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
     step_model, ddp_phase = compiled, None
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        frozen = epoch < hp["freeze_epochs"]
-        set_phase(model, frozen, hp["unfreeze"])
+        scratch = net3d.from_scratch(train)  # 3D: nothing pretrained, so no frozen phase and no partial unfreeze
+        frozen = epoch < hp["freeze_epochs"] and not scratch
+        set_phase(model, frozen, "all" if scratch else hp["unfreeze"])
         if world > 1 and ddp_phase != frozen:
             step_model, ddp_phase = ddp.wrap(compiled, dev), frozen
         total, seen = run_epoch(model, step_model, train, loss_fn, opt, hp, seed, epoch, rank, world, dev)
@@ -249,7 +275,7 @@ def fit(train_store: str | Path, val_store: str | Path, model_cfg: dict, train_c
         elapsed = time.perf_counter() - t0
         stop = False
         if rank == 0:
-            metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **validate(model, val, task, hp["amp"]),
+            metrics = {"epoch": epoch, "train_loss": total / max(seen, 1), **validate(model, val, task, hp["amp"], hp),
                        "lr": opt.optimizer.param_groups[0]["lr"], "frozen": int(frozen), "samples": int(seen),
                        "seconds": time.perf_counter() - t0, "images_per_s": seen / elapsed}
             history.append(metrics)

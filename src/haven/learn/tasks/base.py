@@ -63,9 +63,14 @@ class Task(ABC):
         """What the model does, in words (the model card's intended use)."""
         return f"a {len(classes)}-class image classifier ({', '.join(classes)})"
 
-    def network(self, backbone: str, width: int, weights, in_chans: int) -> nn.Module:
+    def network(self, backbone: str, width: int, weights, in_chans: int, dims: int = 2) -> nn.Module:
         """The network (a pretrained backbone with a head of ``width`` outputs); weights None: random
-        (a trained model's are loaded over them)."""
+        (a trained model's are loaded over them).  ``dims`` 3: a MONAI 3D classifier of volumes,
+        trained from scratch (:mod:`haven.learn.net3d`)."""
+        if dims == 3:
+            from haven.learn.net3d import build_classifier3d
+
+            return build_classifier3d(backbone, width, weights=weights, in_chans=in_chans)
         from haven.learn.models import build_model
 
         return build_model(backbone, width, weights=weights, in_chans=in_chans)

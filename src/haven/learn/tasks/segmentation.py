@@ -50,7 +50,11 @@ class Segmentation(Task):
     def describe(self, classes: list[str]) -> str:
         return f"a 2D segmentation of {', '.join(classes[1:])} per pixel (U-Net; classes {', '.join(classes)})"
 
-    def network(self, backbone: str, width: int, weights, in_chans: int) -> nn.Module:
+    def network(self, backbone: str, width: int, weights, in_chans: int, dims: int = 2) -> nn.Module:
+        if dims == 3:  # volumes: a MONAI 3D U-Net trained from scratch (haven.learn.net3d)
+            from haven.learn.net3d import build_unet3d
+
+            return build_unet3d(backbone, width, weights=weights, in_chans=in_chans)
         from haven.learn.segnet import build_segmentation_model
 
         return build_segmentation_model(backbone, width, weights=weights, in_chans=in_chans)
