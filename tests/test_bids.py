@@ -274,3 +274,37 @@ def test_entities_agree_with_pybids(name):
     # pybids' index labels are padded ints (run-01 == run-1): compared as numbers
     theirs = {k: str(int(v)) if isinstance(v, int) else str(v) for k, v in parse_file_entities("/" + name).items()}
     assert bids.entities(name) == theirs
+
+
+def test_volume_masks_from_bids_derivatives_travel_with_their_volumes(tmp_path):
+    """A segmentation project's masks in derivatives/ (mirroring the raw paths): each volume's mask
+    is found, checked against the volume's grid, re-encoded and written beside the de-identified
+    volume; a mask on another grid quarantines its volume; the audit passes."""
+    from haven.deid.anonymize import anonymize
+    from haven.deid.audit import audit
+    from haven.demomri import make_brain_mri
+
+    summary = make_brain_mri(tmp_path / "demo", subjects=4)
+    root = tmp_path / "demo" / "bids"
+    lesions = root / "derivatives" / "lesions"
+    wrong = sorted(lesions.rglob("*_T1w.nii.gz"))[-1]
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), wrong)
+    seg = {"masks": str(lesions), "mask_suffix": "_mask"}
+    ingest(root, tmp_path / "i", root / "participants.tsv", "participant_id", "group", segmentation=seg)
+    m = pd.read_csv(tmp_path / "i" / "manifest.csv", dtype=str, keep_default_na=False)
+    q = pd.read_csv(tmp_path / "i" / "quarantine.csv", dtype=str)
+    assert (m["mask"] != "").all() and len(m) == summary["volumes"] - 1
+    assert q["reason"].str.contains("on the volume's own grid").sum() == 1
+    key = b"k" * 32
+    out = tmp_path / "a"
+    anonymize(root, tmp_path / "i" / "manifest.csv", key, data=out / "data", manifest=out / "manifest.csv",
+              log_csv=out / "log.csv", quarantine=out / "q.csv", options={"deface": {"volumes": False}},
+              masks=lesions)
+    a = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(a) == len(m) and a["mask"].str.endswith(".mask.nii.gz").all()
+    for file, mask in zip(a["file"], a["mask"]):
+        vol, msk = nib.load(out / "data" / file), nib.load(out / "data" / mask)
+        assert vol.shape == msk.shape and np.allclose(vol.affine, msk.affine) and not msk.header.extensions
+    result = audit([out / "data"], out / "manifest.csv", out / "log.csv", tmp_path / "i" / "identifiers.csv",
+                   tmp_path / "i" / "manifest.csv", ocr=False, deface={"volumes": False})
+    assert result["passed"], result["findings"][:5]

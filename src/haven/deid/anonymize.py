@@ -49,7 +49,7 @@ from haven.deid.writer import TMP_PREFIX, Meta, method_items, write_bytes, write
 from haven.io import TEXT, atomic_write_text, csv_text, read_rows, write_rows
 from haven.progress import progress
 from haven.shards import shard_of
-from haven.sources.masks import clean_mask
+from haven.sources.masks import clean_mask, clean_volume_mask
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,9 @@ class _Run:
             return _Output(rel, changed, "", "", "", stem + ".mask" + mask[1])
         raise AnonymizeError(f"unknown kind {kind[:16]!r}")
 
-    def _mask(self, rel_mask: str) -> tuple[bytes, str] | None:
-        """The cleaned bytes and suffix of an image's mask (``rel_mask``: relative to the source,
-        inside it or the mask folder), None when it has none."""
+    def _mask(self, rel_mask: str, volume: bool = False) -> tuple[bytes, str] | None:
+        """The cleaned bytes and suffix of an image's (``volume``: a volume's) mask (``rel_mask``:
+        relative to the source, inside it or the mask folder), None when it has none."""
         if not rel_mask:
             return None
         src = self.source / rel_mask
@@ -256,7 +256,7 @@ class _Run:
         if not src.is_file():
             raise AnonymizeError("mask file not found: re-run ingest")
         try:
-            return clean_mask(src)
+            return (clean_volume_mask(src), ".nii.gz") if volume else clean_mask(src)
         except ValueError as e:  # the message names the mask file: a name may be PHI
             raise AnonymizeError(str(e).replace(f"mask {src.name}", "its mask")) from None
 
@@ -294,16 +294,21 @@ class _Run:
                        row.get("modality", ""))
 
     def _volume(self, src: Path, row: dict) -> _Output:
+        mask = self._mask(row.get("mask") or "", volume=True)  # before any output: a bad mask leaves none
         out = deidentify_volume(src, row, self.key, self.opts, self.source)
         if out.rel in self.produced:
             raise AnonymizeError(f"duplicate volume (same output as input {self.produced[out.rel]})")
-        side = out.rel[: -len(".nii.gz")] + ".json" if out.sidecar is not None else ""
+        stem = out.rel[: -len(".nii.gz")]
+        side = stem + ".json" if out.sidecar is not None else ""
         write_bytes(out.volume, self.data / out.rel)
         if side:
             write_bytes(out.sidecar, self.data / side)
+        if mask is not None:
+            write_bytes(mask[0], self.data / (stem + ".mask.nii.gz"))
         if out.defaced is not None:
             log.info("defaced a %s volume: %d voxels removed", row.get("modality", ""), out.defaced)
-        return _Output(out.rel, out.changed, out.session, "", row.get("modality", ""), sidecar=side)
+        return _Output(out.rel, out.changed, out.session, "", row.get("modality", ""),
+                       mask=stem + ".mask.nii.gz" if mask is not None else "", sidecar=side)
 
     def deface(self) -> None:
         """Deface the head volumes among the outputs; a series that fails is quarantined whole."""

@@ -18,7 +18,7 @@ from haven.progress import progress
 from haven.shards import shard_of
 from haven.sources import bids
 from haven.sources.base import Quarantine
-from haven.sources.masks import is_mask_name, mask_for, read_mask
+from haven.sources.masks import is_mask_name, mask_for, read_mask, read_volume_mask
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,20 @@ class _Masks:
         """Set an image row's ``mask`` (relative to the source; "" = none, all background), or
         Quarantine the image when its mask cannot be read or is not its size."""
         row["mask"] = ""
-        if row["kind"] != "image":
+        if row["kind"] not in ("image", "nifti"):
             return
         found = mask_for(row["path"], self.source, self.folder, self.suffix)
         if found is None:
             return
+        volume = row["kind"] == "nifti"
         try:
-            shape = read_mask(found).shape
+            shape = (read_volume_mask if volume else read_mask)(found).shape
         except ValueError as e:  # the message names the mask file: a name may be PHI
             raise Quarantine(str(e).replace(f"mask {found.name}", "its mask")) from None
-        if shape != (int(row["rows"]), int(row["cols"])):
+        if volume and "x".join(map(str, shape)) != row["shape"]:
+            raise Quarantine(f"its mask is {'x'.join(map(str, shape))} voxels but the volume is {row['shape']}: "
+                             "give a mask on the volume's own grid")
+        if not volume and shape != (int(row["rows"]), int(row["cols"])):
             raise Quarantine(f"its mask is {shape[0]}x{shape[1]} but the image is {row['rows']}x{row['cols']} "
                              "(rows x columns): give a mask of the image's size")
         row["mask"] = Path(os.path.relpath(found, self.source)).as_posix()

@@ -157,14 +157,7 @@ def clean_mask(path: str | Path) -> tuple[bytes, str]:
     path = Path(path)
     mask = read_mask(path)  # validates, and gives the class indices written below
     if mask_suffix(path.name).startswith(".nii"):
-        import gzip
-
-        import nibabel as nib
-
-        src = nib.load(str(path))
-        data = _indices(np.asanyarray(src.dataobj))  # the file's own axis order, as stored
-        clean = nib.Nifti1Image(data.astype(np.uint8 if data.max(initial=0) <= 255 else np.uint16), src.affine)
-        return gzip.compress(clean.to_bytes(), mtime=0), ".nii.gz"
+        return _clean_nifti(path), ".nii.gz"
     from PIL import Image
 
     if mask.max(initial=0) > 65535:
@@ -174,3 +167,43 @@ def clean_mask(path: str | Path) -> tuple[bytes, str]:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue(), ".png"
+
+
+def _clean_nifti(path: Path) -> bytes:
+    """A NIfTI mask as a gzipped NIfTI-1 of its class indices, the file's own axis order and affine,
+    a fresh header (no text, no extension) and a zero gzip time stamp."""
+    import gzip
+
+    import nibabel as nib
+
+    src = nib.load(str(path))
+    data = _indices(np.asanyarray(src.dataobj))
+    clean = nib.Nifti1Image(data.astype(np.uint8 if data.max(initial=0) <= 255 else np.uint16), src.affine)
+    return gzip.compress(clean.to_bytes(), mtime=0)
+
+
+def read_volume_mask(path: str | Path) -> np.ndarray:
+    """A volume's NIfTI mask as an int64 (X, Y, Z) class-index map, in the file's own axis order
+    (a volume's mask lies on its volume's voxel grid).  Raises ValueError naming the file."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not mask_suffix(path.name).startswith(".nii"):
+        raise ValueError(f"mask {path.name}: a volume's mask must be NIfTI (.nii or .nii.gz) on the volume's grid")
+    try:
+        a = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as e:
+        raise ValueError(f"mask {path.name} cannot be read ({type(e).__name__}): re-export it as a NIfTI of "
+                         "class indices") from None
+    if a.ndim == 4 and a.shape[3] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"mask {path.name}: a volume's mask must be 3-D, got shape {a.shape}")
+    return _indices(a)
+
+
+def clean_volume_mask(path: str | Path) -> bytes:
+    """A volume's NIfTI mask re-encoded as its class indices only (see :func:`clean_mask`)."""
+    read_volume_mask(path)  # validates
+    return _clean_nifti(Path(path))
+
