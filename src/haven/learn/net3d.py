@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from haven.learn.data import ZarrSplit, normalize, store_dims
-from haven.learn.infer import autocast
+from haven.learn.infer import autocast, sliding_window  # one sliding-window call for validation and prediction
 
 CLASSIFIERS = ("densenet121", "densenet169", "densenet201", "densenet_tiny",
                "resnet10", "resnet18", "resnet34", "resnet50")
@@ -167,17 +167,6 @@ def validate3d(model: nn.Module, split: ZarrSplit, task, hp: dict) -> dict:
             labels.append(y.numpy())
         return task.val_metrics(np.concatenate(labels), np.concatenate(scores)) if scores else {}
     return _segmentation_metrics(model, split, task, hp, dev, batch)
-
-
-def sliding_window(model: nn.Module, x: torch.Tensor, roi: list[int], amp: str, batch: int = 4,
-                   overlap: float = 0.25) -> torch.Tensor:
-    """MONAI ``sliding_window_inference`` of normalized volumes ``x``: logits (N, K, D, H, W),
-    windows blended with Gaussian weights (no seams where they overlap)."""
-    from monai.inferers import sliding_window_inference
-
-    with autocast(x.device, amp):
-        out = sliding_window_inference(x, roi, batch, model, overlap=overlap, mode="gaussian")
-    return torch.as_tensor(out).float()
 
 
 def _segmentation_metrics(model, split, task, hp, dev, batch) -> dict:

@@ -3,6 +3,11 @@ classification``; see :mod:`haven.trust.evaluate` for the five questions and the
 
 The pieces take plain arrays (targets, probabilities, class names, the positive class), so a task
 with a binary clinical view (any hemorrhage, referable retinopathy) reuses them on that view.
+
+A volume project (5-D test store) is evaluated the same way on whole volumes: no test-time
+augmentation (``tta_skipped`` says why), Grad-CAM on the last 3D stage and IG as volumes drawn by
+their mid slices, and fewer volumes and steps explained and attacked (:mod:`haven.trust.volume`,
+``volume_limits`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from haven.trust.explain import attribution_maps, gradcam_layer, randomization_t
 from haven.trust.metrics import bootstrap_ci, positive_index
 from haven.trust.robustness import robustness, stratified_subsample
 from haven.trust.subgroups import subgroup_audit
+from haven.trust.volume import SLICES, TTA_SKIPPED, capped, is_volume, mid_slices
 
 if TYPE_CHECKING:  # torch loads inside the stage, not when the CLI imports this module
     import torch
@@ -28,13 +34,18 @@ if TYPE_CHECKING:  # torch loads inside the stage, not when the CLI imports this
 
 def evaluate(ctx: Context) -> dict:
     """Every classification metric of metrics.json, and every file of ``ctx.outputs``."""
-    s, test, model, task, classes, lap = ctx.settings, ctx.test, ctx.model, ctx.task, ctx.classes, ctx.lap
+    test, model, task, classes, lap = ctx.test, ctx.model, ctx.task, ctx.classes, ctx.lap
+    s, limits = capped(ctx.settings, is_volume(test))  # a volume is explained and attacked on fewer samples
     pos = positive_index(classes, s["positive_label"])
     probs, y = ctx.predict(test)
     pred = probs.argmax(1)
     metrics = _performance(task, test, y, probs, classes, s, pos, ctx.seed)
+    if is_volume(test):
+        metrics["volume_limits"] = limits
     lap("metrics")
-    if ctx.tta and ctx.tta.get("enabled"):
+    if ctx.tta and ctx.tta.get("enabled") and is_volume(test):
+        metrics["tta_skipped"] = TTA_SKIPPED
+    elif ctx.tta and ctx.tta.get("enabled"):
         metrics["tta"] = tta_comparison(ctx, lambda scores: task.metrics(y, scores, classes, s), metrics, TTA_METRICS)
         lap("tta")
 
@@ -125,7 +136,7 @@ def attributions(model, test, y: np.ndarray, pred: np.ndarray, classes: list[str
 
     mode = dict(test.group.attrs).get("mode")
     mean, std = test.mean, test.std
-    black = normalize(torch.zeros((1, test.channels) + tuple(test.images.shape[-2:]), dtype=torch.uint8), mean, std)
+    black = normalize(torch.zeros((1, test.channels) + tuple(test.images.shape[2:]), dtype=torch.uint8), mean, std)
     examples = select_examples(y, pred, int(s["explain_per_class"]), seed)
     idx = np.array([i for i, _ in examples], dtype=int)
     raw = read(test, idx)
@@ -133,12 +144,16 @@ def attributions(model, test, y: np.ndarray, pred: np.ndarray, classes: list[str
     layer = gradcam_layer(model, int(s["gradcam_stage"]))
     gc, ig, delta = attribution_maps(model, xs, pred[idx], layer, int(s["ig_steps"]), black)
     per_class = int(s["explain_per_class"])
+    # a volume is drawn as its middle slices (haven.trust.volume.mid_slices), maps and image alike
+    volume = raw.ndim == 5
+    shown, cut = (mid_slices(raw), mid_slices) if volume else (raw, lambda m: m)
+    where, wide = (f" ({SLICES})", 2.6) if volume else ("", 1.0)
     if "gradcam" in plot_paths:
-        plots.plot_attributions(raw, gc, examples, y, pred, classes, "Grad-CAM", plot_paths["gradcam"], per_class,
-                                mode, signed=True)
+        plots.plot_attributions(shown, cut(gc), examples, y, pred, classes, "Grad-CAM" + where,
+                                plot_paths["gradcam"], per_class, mode, signed=True, panel_width=wide)
     if "integrated_gradients" in plot_paths:
-        plots.plot_attributions(raw, ig, examples, y, pred, classes, "Integrated Gradients",
-                                plot_paths["integrated_gradients"], per_class, mode)
+        plots.plot_attributions(shown, cut(ig), examples, y, pred, classes, "Integrated Gradients" + where,
+                                plot_paths["integrated_gradients"], per_class, mode, panel_width=wide)
     return _Explained(examples, idx, xs, black, layer, gc, ig, delta)
 
 
@@ -177,10 +192,14 @@ def attack_robustness(model, test, y: np.ndarray, s: dict, seed: int, chance: fl
     mean, std = test.mean, test.std
     att = stratified_subsample(y, int(s["attack_samples"]), seed)
     xa = normalize(torch.from_numpy(read(test, att)), mean, std).numpy()
-    lo = ((0 - mean) / std).view(-1, 1, 1).numpy()
-    hi = ((1 - mean) / std).view(-1, 1, 1).numpy()
+    shape = (-1,) + (1,) * (xa.ndim - 2)  # per channel: (C, 1, 1), or (C, 1, 1, 1) for volumes
+    lo = ((0 - mean) / std).view(shape).numpy()
+    hi = ((1 - mean) / std).view(shape).numpy()
     rob = robustness(model, xa, y[att], list(s["epsilons"]), lo, hi, int(s["pgd_steps"]))
     rob["chance"] = chance
+    if xa.ndim == 5:
+        rob["volume_note"] = (f"volumes: {len(att)} test volumes and {int(s['pgd_steps'])} PGD steps (capped for the "
+                              "CPU, see volume_limits); whole volumes attacked")
     pixel = float(std.mean())
     rob["epsilon_pixel"] = [float(e) * pixel for e in rob["epsilons"]]
     rob["attack"] = ("untargeted L-inf FGSM and PGD from the adversarial-robustness-toolbox (ART) on the normalized "

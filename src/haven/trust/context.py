@@ -84,8 +84,9 @@ class Context:
         """The task's scores and the stored targets of a whole split."""
         from haven.learn.infer import predict
 
-        # amp: autocast only acts on a GPU, and evaluate's model stays on the CPU
-        return predict(self.model, split, self.task, amp="bf16")
+        # amp: autocast only acts on a GPU, and evaluate's model stays on the CPU; a 3D segmentation
+        # is read in sliding windows of its training patch (model.pt's "patch"; None otherwise)
+        return predict(self.model, split, self.task, amp="bf16", patch=self.meta.get("patch"))
 
 
 def column(split, name: str) -> np.ndarray:

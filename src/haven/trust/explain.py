@@ -22,7 +22,8 @@ def gradcam_layer(model, stage: int = -1):
 
 def attribution_maps(model, x, target, layer, ig_steps: int = 16, baseline=None, batch: int = 16):
     """(Grad-CAM maps (N, H, W), signed, upsampled to the input; Integrated Gradients maps (N, H, W),
-    summed |attribution| over channels; IG convergence deltas (N,)).
+    summed |attribution| over channels; IG convergence deltas (N,)).  Volumes (N, C, D, H, W) give
+    (N, D, H, W) maps (Grad-CAM upsampled trilinearly).
 
     Grad-CAM is taken at ``layer`` for class ``target``; IG integrates from ``baseline``
     (default: a black image in the model's normalized units is the caller's job; zeros here).
@@ -34,18 +35,20 @@ def attribution_maps(model, x, target, layer, ig_steps: int = 16, baseline=None,
     target = torch.as_tensor(target, dtype=torch.long)
     if baseline is None:
         baseline = torch.zeros_like(x[:1])
+    spatial = tuple(x.shape[2:])
+    mode = "trilinear" if len(spatial) == 3 else "bilinear"
     gc, ig, delta = [], [], []
     for i in range(0, len(x), batch):
         xb, tb = x[i:i + batch], target[i:i + batch]
         cam = LayerGradCam(model, layer).attribute(xb, target=tb, relu_attributions=False)
-        cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+        cam = LayerAttribution.interpolate(cam, spatial, interpolate_mode=mode)
         gc.append(cam[:, 0].detach())
         a, d = IntegratedGradients(model).attribute(
             xb, baselines=baseline.expand_as(xb), target=tb, n_steps=ig_steps, internal_batch_size=64,
             return_convergence_delta=True)
         ig.append(a.detach().abs().sum(1))
         delta.append(d.detach())
-    cat = (lambda v: torch.cat(v).cpu().numpy()) if gc else (lambda v: np.zeros((0,) + tuple(x.shape[-2:])))
+    cat = (lambda v: torch.cat(v).cpu().numpy()) if gc else (lambda v: np.zeros((0,) + spatial))
     return cat(gc), cat(ig), (torch.cat(delta).cpu().numpy() if delta else np.zeros(0))
 
 

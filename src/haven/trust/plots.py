@@ -159,12 +159,13 @@ def _display_image(img: np.ndarray, mode: str | None) -> tuple[np.ndarray, str |
 
 def plot_attributions(images: np.ndarray, maps: np.ndarray, examples: list[tuple[int, bool]], y: np.ndarray,
                       pred: np.ndarray, classes: list[str], title: str, path: Path, per_class: int,
-                      mode: str | None = None, signed: bool = False) -> None:
-    """One row per class, ``per_class`` correct then ``per_class`` wrong examples as overlays."""
+                      mode: str | None = None, signed: bool = False, panel_width: float = 1.0) -> None:
+    """One row per class, ``per_class`` correct then ``per_class`` wrong examples as overlays
+    (``panel_width``: a panel's width relative to a square one's, e.g. 3 mid slices of a volume)."""
     plt = _plt()
     rows = [c for c in range(len(classes)) if (y == c).any()]
     cols = 2 * per_class
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols, 2.0 * len(rows) + 0.7), squeeze=False,
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols * panel_width, 2.0 * len(rows) + 0.7), squeeze=False,
                              layout="constrained")
     pos = {c: {True: [], False: []} for c in rows}
     for j, (i, correct) in enumerate(examples):

@@ -1,5 +1,9 @@
-"""2D segmentation's evaluation (the evaluate stage's body for ``task: segmentation``; the numbers
+"""Segmentation's evaluation (the evaluate stage's body for ``task: segmentation``; the numbers
 on plain arrays are :mod:`haven.trust.segmetrics`, the overlays :mod:`haven.trust.segplots`).
+
+A volume store (masks (N, D, H, W), model.pt ``dims: 3``) is evaluated the same way, a case being a
+volume: predicted by sliding windows of the training patch, HD95 in mm (the store's spacing),
+overlays of the middle slices, the attack on fewer volumes and steps (:mod:`haven.trust.volume`).
 
 A segmentation predicts a class per pixel (the argmax of its softmax, no tuned threshold); each
 trust question is asked of that:
@@ -56,6 +60,7 @@ from haven.trust.calibration import calibration
 from haven.trust.context import Context, column, patient_clusters, put_scalar, put_trust_scalars, read, safe_name
 from haven.trust.segmetrics import METRICS, case_metrics, lesion_view, segmentation_metrics
 from haven.trust.subgroups import add_attribute, attribute_groups
+from haven.trust.volume import SLICES, capped, is_volume, mid_slices, spacing
 
 __all__ = ["evaluate", "flat_metrics"]
 
@@ -72,17 +77,22 @@ NOT_EXPLAINED = ("{name} explains one class score of an image classifier. A segm
 def evaluate(ctx: Context) -> dict:
     """Every segmentation metric of metrics.json and every file of ``ctx.outputs`` (see the
     module docstring)."""
-    s, test, lap, classes = ctx.settings, ctx.test, ctx.lap, ctx.classes
+    test, lap, classes = ctx.test, ctx.lap, ctx.classes
+    s, limits = capped(ctx.settings, is_volume(test))  # a volume is attacked on fewer cases and steps
     scores, y = ctx.predict(test)
     _check(scores, y, classes, test)
     min_pixels = int(getattr(ctx.task, "options", {}).get("threshold_pixels") or 10)
-    metrics = split_metrics(y, scores, classes, patient_clusters(test), s, ctx.seed, min_pixels)
-    metrics.update(classes=classes, threshold_pixels=min_pixels, pixel_confusion_matrix=pixel_confusion(y, scores))
+    metrics = split_metrics(y, scores, classes, patient_clusters(test), s, ctx.seed, min_pixels, spacing(test))
+    metrics.update(classes=classes, threshold_pixels=min_pixels, pixel_confusion_matrix=pixel_confusion(y, scores),
+                   hd95_unit="mm" if spacing(test) else "pixels")
+    if is_volume(test):
+        metrics["volume_limits"] = limits
     val = ctx.predict(ctx.val) if ctx.val is not None else None
     if val is not None:
         _check(*val, classes, ctx.val)
         metrics["val"] = {k: v for k, v in split_metrics(val[1], val[0], classes, patient_clusters(ctx.val), s,
-                                                          ctx.seed, min_pixels).items() if k != "cases"}
+                                                          ctx.seed, min_pixels, spacing(ctx.val)).items()
+                          if k != "cases"}
     if ctx.tta and ctx.tta.get("enabled"):
         metrics["tta_skipped"] = ("test-time augmentation is not applied to segmentation: a flipped view's mask "
                                   "would have to be flipped back, which the TTA views do not do")
@@ -115,7 +125,7 @@ def evaluate(ctx: Context) -> dict:
 
 
 def _check(scores: np.ndarray, y: np.ndarray, classes: list[str], split) -> None:
-    if np.ndim(y) != 3 or np.ndim(scores) != 4:
+    if np.ndim(y) not in (3, 4) or np.ndim(scores) != np.ndim(y) + 1:
         raise ValueError(f"{split.store}: a segmentation evaluates masks, but the split's targets have shape "
                          f"{np.shape(y)} and the scores {np.shape(scores)}; rerun preprocess with task: segmentation "
                          "(its stores carry the masks, attribute targets='masks')")
@@ -133,12 +143,13 @@ def _case_mean(per_class: np.ndarray) -> np.ndarray:
 
 
 def split_metrics(y: np.ndarray, scores: np.ndarray, classes: list[str], clusters, s: dict, seed: int,
-                  min_pixels: int) -> dict:
+                  min_pixels: int, voxel_mm: list[float] | None = None) -> dict:
     """segmetrics' pixel metrics and image-level view of one split with its bootstrap intervals
-    (none when ``bootstrap`` is 0), and the Dice of predicting all background."""
+    (none when ``bootstrap`` is 0), and the Dice of predicting all background.  ``voxel_mm``: a
+    volume store's spacing, so that HD95 is in mm (None: in pixels, a 2D store's)."""
     boot = int(s["bootstrap"])
     out = segmentation_metrics(y, scores, classes, clusters, n_resamples=max(boot, 1), level=float(s["ci_level"]),
-                               seed=seed, min_pixels=min_pixels)
+                               seed=seed, spacing=voxel_mm, min_pixels=min_pixels)
     if not boot:
         out.pop("ci")
         out["image_level"].pop("ci")
@@ -168,8 +179,8 @@ def pixel_sample(scores: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[
     total = y.size
     rng = np.random.default_rng(seed)
     flat = np.arange(total) if total <= n else rng.choice(total, size=n, replace=False)
-    i, r, c = np.unravel_index(flat, y.shape)
-    return np.asarray(scores[i, :, r, c], dtype=np.float64), y[i, r, c].astype(np.int64)
+    at = np.unravel_index(flat, y.shape)  # (case, row, col) or (case, d, h, w)
+    return np.asarray(np.moveaxis(scores, 1, -1)[at], dtype=np.float64), y[at].astype(np.int64)
 
 
 def _pixel_calibration(metrics: dict, scores, y, val, s: dict, seed: int):
@@ -307,13 +318,19 @@ def attack_dice(ctx: Context, y: np.ndarray, present: np.ndarray, s: dict) -> di
     from haven.learn.data import normalize
     from haven.trust.robustness import stratified_subsample
 
+    from haven.learn.infer import logits_of
+
     test, classes = ctx.test, ctx.classes
     idx = stratified_subsample(present, min(int(s["attack_samples"]), ATTACK_CASES), ctx.seed)
     x = normalize(torch.from_numpy(read(test, idx)), test.mean, test.std)
     t = torch.as_tensor(y[idx].astype(np.int64))
-    lo, hi = ((0 - test.mean) / test.std).view(1, -1, 1, 1), ((1 - test.mean) / test.std).view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    lo, hi = ((0 - test.mean) / test.std).view(shape), ((1 - test.mean) / test.std).view(shape)
     eps, steps = [float(e) for e in s["epsilons"]], int(s["pgd_steps"])
     model = ctx.model.eval()
+    if x.ndim == 5:  # a volume: the attack differentiates through the sliding windows prediction reads it by
+        net, patch = model, ctx.meta.get("patch")
+        model = lambda v: logits_of(net, v, "off", patch)  # noqa: E731
     out = {"metric": "dice", "n": int(len(idx)), "epsilons": eps, "pgd_steps": steps,
            "epsilon_pixel": [e * float(test.std.mean()) for e in eps],
            "clean_dice": _attacked_dice(model, x, t, classes, 0.0, 1, lo, hi) if len(idx) else None,
@@ -329,6 +346,11 @@ def _overlays(ctx: Context, y, pred, dice, shown, path) -> None:
     images = read(ctx.test, np.asarray(shown, dtype=int))
     titles = [("Dice –" if not np.isfinite(dice[i]) else f"Dice {dice[i]:.2f}")
               + ("" if (y[i] > 0).any() else " (none)") for i in shown]
+    if images.ndim == 5:  # volumes: their middle slices (haven.trust.volume.mid_slices), three per panel
+        segplots.plot_overlays(mid_slices(images), mid_slices(y[shown]), mid_slices(pred[shown]), path, titles,
+                               ctx.classes, cols=2, title=f"segmentation: true contour, predicted fill\n({SLICES})",
+                               panel=(4.6, 1.9))
+        return
     segplots.plot_overlays(images, y[shown], pred[shown], path, titles, ctx.classes)
 
 
@@ -378,7 +400,7 @@ def _save_predictions(path, pred, y, cases: dict, view: tuple, classes: list[str
                         **{m: cases[m].astype(np.float32) for m in METRICS})
 
 
-DIGITS = {"hd95": 1}  # HD95 in pixels; the others are fractions
+DIGITS = {"hd95": 1}  # HD95 in pixels (mm for volumes: metrics["hd95_unit"]); the others are fractions
 
 
 def _cell(v, ci=None, digits: int = 3) -> str:
@@ -392,6 +414,7 @@ def tables(metrics: dict) -> list[dict]:
     """The report's segmentation tables (``metrics["tables"]``): overlap per class with intervals,
     and validation beside test."""
     ci = metrics.get("ci") or {}
+    unit_hd = metrics.get("hd95_unit", "pixels")
     level = f"{round(100 * ci['level'])} %" if ci else "no"
     per_ci = ci.get("per_class") or {}
     rows = [["mean of the foreground classes", _cell(metrics["dice"], ci.get("dice")),
@@ -406,7 +429,7 @@ def tables(metrics: dict) -> list[dict]:
     ilci = il.get("ci") or {}
     compare = [[name, _cell(val.get(k), None, DIGITS.get(k, 3)), _cell(metrics[k], ci.get(k), DIGITS.get(k, 3))]
                for k, name in (("dice", "mean Dice"), ("dice_present", "Dice, images showing a structure"),
-                               ("iou", "mean IoU"), ("hd95", "HD95 (pixels)"))]
+                               ("iou", "mean IoU"), ("hd95", f"HD95 ({unit_hd})"))]
     compare += [[f"image level: {name}", _cell(vil.get(k)), _cell(il[k], ilci.get(k))]
                 for k, name in (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))]
     compare.append(["predicting all background: mean Dice", _cell(val.get("all_background_dice")),
@@ -414,7 +437,7 @@ def tables(metrics: dict) -> list[dict]:
     unit = ci.get("unit", "patient")
     return [
         {"title": "Segmentation overlap (test split)",
-         "header": ["class", f"Dice [{level} CI]", "Dice, images showing it", "IoU", "HD95 (pixels)",
+         "header": ["class", f"Dice [{level} CI]", "Dice, images showing it", "IoU", f"HD95 ({unit_hd})",
                     "HD95 undefined"],
          "rows": rows, "note": (f"Per image, then averaged. An image without the class scores Dice and IoU 1 when "
                                 f"nothing is predicted, 0 otherwise; HD95 is undefined (left out) when the truth or "

@@ -36,22 +36,23 @@ METRICS = ("dice", "iou", "hd95")
 
 
 def one_hot(masks: np.ndarray, k: int):
-    """(N, H, W) integer masks -> (N, K, H, W) float torch tensor (MONAI's metric input)."""
+    """(N, H, W) integer masks -> (N, K, H, W) float torch tensor (MONAI's metric input); volumes
+    (N, D, H, W) -> (N, K, D, H, W)."""
     import torch
 
     m = np.asarray(masks)
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
-    if m.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W) integer class maps, got shape {m.shape}")
+    if m.ndim not in (3, 4):
+        raise ValueError(f"masks must be (N, H, W) integer class maps (volumes: (N, D, H, W)), got shape {m.shape}")
     if m.size and (m.min() < 0 or m.max() >= k):
         raise ValueError(f"mask values must lie in 0..{k - 1} (one per class), found {m.min()}..{m.max()}")
     t = torch.as_tensor(m.astype(np.int64))
-    return torch.nn.functional.one_hot(t, k).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.one_hot(t, k).permute(0, m.ndim, *range(1, m.ndim)).float()
 
 
 def case_metrics(truth: np.ndarray, pred: np.ndarray, classes: list[str],
-                 spacing: tuple[float, float] | None = None) -> dict:
+                 spacing: tuple[float, ...] | None = None) -> dict:
     """Per case and foreground class: ``{"dice": (N, K-1), "iou": (N, K-1), "hd95": (N, K-1)}``
     float arrays with NaN where HD95 is undefined, plus ``"present"`` (N, K-1) bool (truth has the
     class) and ``"predicted"`` (N, K-1) bool (prediction has it)."""
@@ -135,12 +136,12 @@ def lesion_view(truth: np.ndarray, probs: np.ndarray, min_pixels: int = 1) -> tu
     """The image-level view: (present (N,) int 0/1 from the truth masks, score (N,) = max per-pixel
     foreground probability, predicted (N,) int 0/1 = the argmax mask has at least ``min_pixels``
     foreground pixels: a speck of a few pixels is noise, not a finding).
-    ``probs`` is (N, K, H, W) softmax output."""
+    ``probs`` is (N, K, H, W) softmax output (volumes: (N, K, D, H, W), masks (N, D, H, W))."""
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(truth)
-    if truth.ndim == 4:
+    if probs.ndim == 4 and truth.ndim == 4:
         truth = truth[:, 0]
-    if probs.ndim != 4 or probs.shape[0] != truth.shape[0] or probs.shape[2:] != truth.shape[1:]:
+    if probs.ndim not in (4, 5) or probs.shape[0] != truth.shape[0] or probs.shape[2:] != truth.shape[1:]:
         raise ValueError(f"probabilities (N, K, H, W) {probs.shape} do not fit the masks (N, H, W) {truth.shape}")
     present = (truth.reshape(len(truth), -1) > 0).any(1).astype(int)
     score = (1.0 - probs[:, 0]).reshape(len(probs), -1).max(1)
@@ -172,7 +173,7 @@ def image_level(present: np.ndarray, score: np.ndarray, predicted: np.ndarray, c
 
 def segmentation_metrics(truth: np.ndarray, probs: np.ndarray, classes: list[str], clusters: np.ndarray | None = None,
                          n_resamples: int = 500, level: float = 0.95, seed: int = 0,
-                         spacing: tuple[float, float] | None = None, min_pixels: int = 1) -> dict:
+                         spacing: tuple[float, ...] | None = None, min_pixels: int = 1) -> dict:
     """Everything at once from the truth masks (N, H, W) and softmax output (N, K, H, W): the pixel
     metrics of :func:`aggregate`, ``"cases"`` (per-case lists, None where undefined) and
     ``"image_level"`` (:func:`image_level`, an image called positive from ``min_pixels`` predicted

@@ -73,11 +73,13 @@ def _overlay(ax, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, k: int)
 
 def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path | str,
                   titles: list[str] | None = None, classes: list[str] | None = None, cols: int = 4,
-                  title: str = "segmentation: true contour, predicted fill") -> None:
+                  title: str = "segmentation: true contour, predicted fill", panel: tuple[float, float] = (2.2, 2.3)
+                  ) -> None:
     """A grid of overlays, one panel per case given (pick them with :func:`pick_cases`).
 
     ``images`` (N, C, H, W) uint8, ``truth``/``pred`` (N, H, W) integer masks, ``titles`` one per
-    case (e.g. ``"Dice 0.82"``), ``classes`` (background first) names the legend's entries."""
+    case (e.g. ``"Dice 0.82"``), ``classes`` (background first) names the legend's entries;
+    ``panel``: a panel's (width, height) in inches (a volume's three mid slices are wide)."""
     images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
     if not (len(images) == len(truth) == len(pred)) or truth.shape != pred.shape or truth.shape[1:] != images.shape[-2:]:
         raise ValueError(f"overlays need images (N, C, H, W), truth and pred (N, H, W) of one size; got "
@@ -87,7 +89,7 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path:
     k = int(max(truth.max(initial=0), pred.max(initial=0))) + 1 if classes is None else len(classes)
     cols = min(cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.6), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows + 0.6), squeeze=False,
                              layout="constrained")
     for j, ax in enumerate(axes.flat):
         if j >= len(images):
