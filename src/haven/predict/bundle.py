@@ -85,6 +85,11 @@ class Bundle:
         return dict(self.meta["pixels"])
 
     @property
+    def dims(self) -> int:
+        """3 for a volume model (model.pt ``dims: 3``: :mod:`haven.predict.volumes`), else 2."""
+        return 3 if self.meta.get("dims") == 3 else 2
+
+    @property
     def task(self):
         from haven.learn.tasks import get_task
 
@@ -104,7 +109,13 @@ class Bundle:
         uint8 (C, S, S), decoded as the training samples were.  A single file where the model
         wants a slab stands for all of its slices (the edge rule of a one-slice series)."""
         from haven.learn.preprocess import load_sample
+        from haven.predict import volumes
 
+        if self.dims == 3:  # a volume fitted as the training volumes were (its grid info: volumes.fit)
+            return volumes.fit(self.meta, source, kind)[0]
+        if kind in volumes.VOLUME_KINDS:
+            raise ValueError(volumes.not_a_volume_model(Path(source).name if isinstance(source, (str, Path))
+                                                        else "the file"))
         slab = int(self.pixels.get("slab") or 0)
         if slab and not isinstance(source, (list, tuple)):
             data = source.read() if hasattr(source, "read") else None
@@ -123,11 +134,16 @@ class Bundle:
 
     # -- samples → predictions -------------------------------------------------------------------
     def scores(self, samples: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """uint8 (N, C, S, S) → the task's scores (probabilities), with TTA when the bundle has it."""
+        """uint8 (N, C, S, S) → the task's scores (probabilities), with TTA when the bundle has it;
+        volumes (N, C, D, H, W) of a 3D model through :func:`haven.predict.volumes.scores`."""
         import torch
 
         from haven.learn import tta
         from haven.learn.data import normalize
+        from haven.predict import volumes
+
+        if self.dims == 3:
+            return volumes.scores(self, samples, batch_size)
 
         mean = torch.tensor(self.meta["mean"], dtype=torch.float32)
         std = torch.tensor(self.meta["std"], dtype=torch.float32)

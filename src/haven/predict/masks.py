@@ -10,6 +10,9 @@ Per image, under the image's own pseudonymous path (``<shard>/<patient>/<study>/
 * ``.seg.dcm`` (DICOM sources): a DICOM-SEG referencing the audited instance it segments
   (:func:`haven.predict.seg.write_dicom_seg`), so a viewer shows it over the de-identified series.
 
+A 3D model's mask is one ``<stem>.mask.nii.gz`` per volume, on the volume's own grid
+(:mod:`haven.predict.volumes`).
+
 A folder of a task that predicts no masks holds a ``README.txt`` that says so (the rule declares
 the folder for every project).
 """

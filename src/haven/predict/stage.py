@@ -3,6 +3,7 @@
 Reads only what passed the audit (the gate preprocess applies: :func:`haven.learn.preprocess.check_audit`);
 decodes each file with the *training run's* preprocessing carried by the bundle
 (:mod:`haven.predict.bundle`), 2.5D slabs from the file's own series as preprocess builds them;
+a 3D model's NIfTI volumes whole, fitted as its training volumes were (:mod:`haven.predict.volumes`);
 writes one row per file with the pseudonymous ids of the anonymize manifest (patient, study,
 series, instance) and the bundle's columns.  A file that cannot be decoded gets a row with its
 ``status`` (the reason) and no probabilities: one bad file never stops a cohort.
@@ -20,6 +21,7 @@ import pandas as pd
 
 from haven.io import atomic_write_text
 from haven.learn.preprocess import Inputs, check_audit, slab_members
+from haven.predict import volumes
 from haven.progress import progress
 from haven.sources import reason
 
@@ -69,6 +71,9 @@ def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2, masks
 
     check_audit(inputs.audit)
     rows = sample_rows(pd.read_csv(inputs.manifest, dtype=str, keep_default_na=False))
+    if getattr(bundle, "dims", 2) == 3:  # one volume per row, fitted whole (haven.predict.volumes)
+        return _table(rows, *volumes.run(rows, Path(inputs.data), bundle, batch_size=batch_size, workers=workers,
+                                         masks=masks))
     members = slab_members(_Serial(), rows, Path(inputs.data), int(bundle.pixels.get("slab") or 0))
     items = [(i, paths, kind) for i, (paths, kind) in enumerate(zip(members, rows["kind"]))]
     blocks = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
@@ -93,6 +98,10 @@ def run(inputs: Inputs, bundle, *, batch_size: int = 64, workers: int = 2, masks
                 if predicted is not None and masks is not None:
                     _write_masks(good, predicted, rows, inputs, masks, bundle, out)
             bar.update(len(decoded))
+    return _table(rows, out, status)
+
+
+def _table(rows: pd.DataFrame, out: list[dict], status: list[str]) -> pd.DataFrame:
     table = pd.concat([_ids(rows), pd.DataFrame(out, index=rows.index)], axis=1)
     table["status"] = status
     return table
