@@ -51,3 +51,15 @@ def test_dry_run_and_lint_are_clean(root):
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=root, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert "Congratulations" in lint.stdout + lint.stderr
+
+
+def test_a_predict_source_of_a_segmentation_project_looks_for_no_masks():
+    """The training source's mask folder is not the new patients': their ingest ran before the training
+    data existed and stopped on "mask folder ... is not a folder" (found by a brain-mri trial run)."""
+    config = cfg.validate({"projects": {"seg": {
+        "source": "train", "task": "segmentation", "segmentation": {"classes": ["background", "lesion"],
+                                                                     "masks": "train/derivatives/lesions"},
+        "predict": {"sources": {"new": {"source": "new"}}}}}})
+    assert cfg.stage_settings(config, "seg", "ingest")["masks"]["folder"] == "train/derivatives/lesions"
+    assert cfg.stage_settings(config, "seg/predict/new", "ingest")["masks"] is None
+    assert cfg.stage_settings(config, "seg/predict/new", "anonymize")["masks"] is None

@@ -144,8 +144,10 @@ MASK_STAGES = ("ingest", "anonymize")
 
 def mask_files(proj: dict) -> dict | None:
     """A segmentation project's mask files: ``{"folder": <mask folder or None: beside the images>,
-    "suffix": ...}``; None for the other tasks (their ingest takes no file for a mask)."""
-    if proj.get("task") != "segmentation":
+    "suffix": ...}``; None for the other tasks (their ingest takes no file for a mask) and for unlabeled
+    data: a predict source's new patients have no masks, and the training source's mask folder is
+    not theirs (their ingest ran before, or without, the training data)."""
+    if proj.get("task") != "segmentation" or proj.get("unlabeled"):
         return None
     seg = proj.get("segmentation", {})
     return {"folder": seg.get("masks"), "suffix": seg.get("mask_suffix", "_mask")}
