@@ -37,18 +37,25 @@ def export(model_pt: str | Path, onnx_path: str | Path, opset: int = OPSET) -> d
     from haven.learn.checkpoint import load_model
 
     model, meta = load_model(model_pt)
-    example = torch.zeros(2, int(meta["in_chans"]), int(meta["size"]), int(meta["size"]))
+    example = torch.zeros(2, int(meta["in_chans"]), *spatial(meta))
     with warnings.catch_warnings():  # the exporter's notes about its own internals, not about this model
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, external_data=False,
                                     input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     atomic_write_bytes(onnx_path, program.model_proto.SerializeToString())
-    return {"opset": opset, "exporter": EXPORTER, "input": "images: float32 (N, C, S, S), uint8/255 normalized "
+    axes = "S, S" if len(spatial(meta)) == 2 else "D, H, W"
+    return {"opset": opset, "exporter": EXPORTER, "input": f"images: float32 (N, C, {axes}), uint8/255 normalized "
             "with mean/std", "output": "logits (the task's scores: softmax for classification)",
             "classes": [str(c) for c in meta["classes"]], "mean": meta["mean"], "std": meta["std"],
-            "size": int(meta["size"]), "channels": int(meta["in_chans"]), "task": meta["task"],
-            "pixels": meta.get("pixels")}
+            "size": meta["size"] if isinstance(meta["size"], list) else int(meta["size"]),
+            "channels": int(meta["in_chans"]), "task": meta["task"], "pixels": meta.get("pixels")}
+
+
+def spatial(meta: dict) -> list[int]:
+    """The model's input grid: (S, S) for a 2D model, (D, H, W) for a volume model (meta["size"] a list)."""
+    size = meta["size"]
+    return [int(v) for v in size] if isinstance(size, (list, tuple)) else [int(size)] * 2
 
 
 def parity(model_pt: str | Path, onnx_path: str | Path, test_zarr: str | Path, batch_size: int = 64
@@ -64,9 +71,13 @@ def parity(model_pt: str | Path, onnx_path: str | Path, test_zarr: str | Path, b
     model, meta = load_model(model_pt)
     task = get_task(meta["task"], meta.get("task_options"))
     split = ZarrSplit(test_zarr)
-    if split.channels != int(meta["in_chans"]) or split.images.shape[-1] != int(meta["size"]):
-        raise ValueError(f"{test_zarr} holds {split.channels}×{split.images.shape[-1]} px samples but {model_pt} "
-                         f"takes {meta['in_chans']}×{meta['size']} px: give the same project's test split")
+    grid = spatial(meta)
+    if split.channels != int(meta["in_chans"]) or list(split.images.shape[2:]) != grid:
+        raise ValueError(f"{test_zarr} holds {split.channels}×{'x'.join(map(str, split.images.shape[2:]))} samples "
+                         f"but {model_pt} takes {meta['in_chans']}×{'x'.join(map(str, grid))}: give the same "
+                         "project's test split")
+    if len(grid) == 3:
+        batch_size = min(batch_size, 4)  # volumes: a few at a time
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst, n = 0.0, 0
     with torch.inference_mode():
