@@ -202,3 +202,26 @@ def test_wrong_dimensionality_is_a_status_row_naming_the_fix(audited, tmp_path):
     assert by_kind.loc["dicom", "status"] == "ok"
     status = by_kind.loc["nifti", "status"]
     assert "3-D NIfTI volume but the model was trained on 2-D" in status and "preprocess.dims: 3" in status
+
+
+def test_the_registered_package_takes_a_volume_as_bytes(audited, tmp_path):
+    """MLflow's pyfunc sends files as base64 bytes: a volume model reads NIfTI bytes (named or not)
+    as it reads the file, and logs a NIfTI on its grid as its input example (register stopped on a
+    PNG example in a brain-mri trial run)."""
+    import base64
+
+    import pandas as pd
+
+    from haven.predict import volumes
+    from haven.predict.pyfunc import samples_from_frame
+
+    bundle = Bundle.load(_model_pt(tmp_path / "c" / "train" / "model.pt", "classification", ["a", "b"], None))
+    file = next((audited["inputs"]["bids"].data).rglob("*_T1w.nii.gz"))
+    data = file.read_bytes()
+    expected, _ = volumes.fit(bundle.meta, file, "nifti")
+    frame = pd.DataFrame({"data": [base64.b64encode(data).decode("ascii")] * 2, "filename": ["x.nii.gz", ""]})
+    got = samples_from_frame(bundle, frame)
+    assert got.shape == (2, *expected.shape) and np.array_equal(got[0], expected) and np.array_equal(got[1], expected)
+    example = pd.DataFrame({"data": [base64.b64encode(volumes.example_volume(bundle.meta)).decode("ascii")]})
+    assert samples_from_frame(bundle, example).shape == (1, *expected.shape)
+    assert len(bundle.predict(samples_from_frame(bundle, example))) == 1

@@ -125,9 +125,11 @@ class Bundle:
     def sample_bytes(self, data: bytes, filename: str = "") -> tuple[np.ndarray, str]:
         """Bytes of a file (DICOM, PNG, JPEG, ...) → (sample, kind), decoded in memory; ValueError
         with the reason when no reader takes them."""
-        from haven.sources import kind_of
+        from haven.sources import file_suffix, kind_of
 
-        kind = kind_of(data[:132], Path(filename).suffix.lower())
+        kind = kind_of(data[:132], file_suffix(filename) if filename else "")
+        if kind is None and self.dims == 3 and (data[:2] == b"\x1f\x8b" or data[:4] == (348).to_bytes(4, "little")):
+            kind = "nifti"  # a volume model's request: NIfTI bytes without a name (gzip or a NIfTI-1 header)
         if kind is None:
             raise ValueError("not an image haven reads (DICOM, PNG, JPEG, TIFF, BMP)")
         return self.sample(io.BytesIO(data), kind), kind

@@ -79,7 +79,7 @@ def samples_from_frame(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
         except Exception as e:  # noqa: BLE001 - any decoder's failure is a bad input, worded without its values
             reason = str(e) if isinstance(e, ValueError) and "not an image" in str(e) else type(e).__name__
             raise _bad(f"row {i}: the file cannot be decoded ({reason}); send a DICOM with pixel data, a PNG or "
-                       "a JPEG") from None
+                       "a JPEG (a NIfTI volume to a volume model)") from None
         out.append(sample)
     return np.stack(out) if out else np.zeros((0,), np.uint8)
 
@@ -168,7 +168,13 @@ def log_package(model_pt: str | Path, metrics_json: str | Path | None, *, name: 
     ``name``/``version`` are what its rows say until :func:`load_bundle` reads them from the
     registry (the registry version does not exist yet when the package is logged)."""
     bundle = Bundle.load(model_pt, metrics_json, tta=tta, name=name, version=version)
-    example = pd.DataFrame({"data": [base64.b64encode(example_png(bundle)).decode("ascii")]})
+    if bundle.dims == 3:  # a volume model's example: a NIfTI on its grid
+        from haven.predict.volumes import example_volume
+
+        example = pd.DataFrame({"data": [base64.b64encode(example_volume(bundle.meta)).decode("ascii")],
+                                "filename": ["example.nii.gz"]})
+    else:
+        example = pd.DataFrame({"data": [base64.b64encode(example_png(bundle)).decode("ascii")]})
     with tempfile.TemporaryDirectory() as tmp:
         evaluation = Path(tmp) / ARTIFACTS["evaluation"]
         evaluation.write_text(json.dumps(bundle.evaluation, default=str))
