@@ -33,6 +33,7 @@ from haven import keys
 from haven.deid import deface, sidecar
 from haven.deid.errors import AnonymizeError
 from haven.sources import bids
+from haven.sources.nifti import MR_SUFFIXES, header_texts
 
 MARK = "haven: de-identified"
 MARK_DEFACED = "haven: de-identified, defaced (113102)"
@@ -83,8 +84,6 @@ def defaces(row: dict, meta: dict, opts: dict) -> bool:
     """Whether a volume is a head volume the project defaces: a 3-D MR (or a listed modality) of
     a head suffix, in a project that defaces volumes (``deface.volumes``, on by default, or
     ``deface.enabled``); the sidecar's BodyPartExamined/BodyPart, when given, must be a head."""
-    from haven.sources.nifti import MR_SUFFIXES
-
     if not (opts.get("volumes") or opts.get("enabled")):
         return False
     modality = (row.get("modality") or "").upper()
@@ -143,7 +142,7 @@ def deidentify_volume(src: Path, row: dict, key: bytes, opts: dict, source_root:
                         inter if np.isfinite(inter) and inter != 0 else None)
     out = type(img)(stored, None, hdr)
     volume = gzip.compress(out.to_bytes(), compresslevel=1, mtime=0)  # nibabel's level: 6 took 4x as long
-    changed = sum(1 for _ in _texts(img.header)) + len(img.header.extensions)
+    changed = len(header_texts(img.header)) + len(img.header.extensions)
     side = None
     if meta:
         days = keys.day_shift(key, row.get("patient_id", ""), int(opts["max_shift_days"])) \
@@ -186,12 +185,6 @@ def check_defaced(data: Path, manifest: list[dict], deface_options: dict) -> lis
         if wanted and _is_volume(img.shape, dopts) and descrip != MARK_DEFACED:
             findings.append({"file": row["file"], "where": "NIfTI descrip", "kind": "head volume not defaced"})
     return findings
-
-
-def _texts(header):
-    from haven.sources.nifti import header_texts
-
-    return header_texts(header)
 
 
 def _deface(img, stored: np.ndarray, row: dict, dopts: dict) -> tuple[np.ndarray, int]:
