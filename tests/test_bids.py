@@ -308,3 +308,19 @@ def test_volume_masks_from_bids_derivatives_travel_with_their_volumes(tmp_path):
     result = audit([out / "data"], out / "manifest.csv", out / "log.csv", tmp_path / "i" / "identifiers.csv",
                    tmp_path / "i" / "manifest.csv", ocr=False, deface={"volumes": False})
     assert result["passed"], result["findings"][:5]
+
+
+def test_predictions_of_volumes_join_back_to_their_originals_through_the_key(deidentified, tmp_path):
+    """reidentify recomputes each volume's keyed BIDS name from the PHI-zone manifest (it matched none
+    of a brain-mri trial run's 22 predictions before)."""
+    from haven.predict.reidentify import join
+
+    work, _, key = deidentified
+    manifest = pd.read_csv(work / "out" / "manifest.csv", dtype=str, keep_default_na=False)
+    predictions = tmp_path / "predictions.csv"
+    pd.DataFrame({"file": "0/" + manifest["file"], "kind": "nifti", "patient": manifest["patient"], "instance": "",
+                  "predicted": "control"}).to_csv(predictions, index=False)
+    rows, _, counts = join(predictions, work / "phi" / "manifest.csv", key)
+    assert counts["matched"] == len(SUBJECTS) and counts["unmatched"] == 0
+    assert {r["patient_id"] for r in rows} == {f"sub-{s[0]}" for s in SUBJECTS}
+    assert join(predictions, work / "phi" / "manifest.csv", b"another key" * 3)[2]["matched"] == 0

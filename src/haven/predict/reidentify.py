@@ -2,7 +2,7 @@
 
 The join goes *through the keyed pseudonym*, never through a table that links the two sides: for
 each row of the dataset's ingest manifest (the PHI zone) the patient pseudonym and the keyed SOP
-Instance UID (a DICOM file) or the keyed image name (an image) are recomputed with the project key,
+Instance UID (a DICOM file), the keyed image name (an image) or the keyed BIDS name (a volume) are recomputed with the project key,
 exactly as anonymize derived them (:func:`haven.keys.pseudonym`, :func:`haven.keys.uid`), and
 matched against the pseudonymous ``patient`` and file name of each prediction.  A wrong key, or a
 prediction of a file this ingest never saw, matches nothing: it is counted, never guessed; two
@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from haven import keys
 from haven.deid.header import STANDARD_UID_ROOT
 from haven.io import TEXT, read_rows, write_rows
+from haven.sources import bids
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,16 @@ def keyed_instance(key: bytes, row: dict, retain_uids: bool = False) -> str:
     """The pseudonymous file stem anonymize gave the input of ingest ``row``: the keyed SOP Instance
     UID of a DICOM file (its own UID under Retain UIDs or when it is a standard one, as
     :mod:`haven.deid.header` keeps them), the keyed hash of an image's path."""
-    if (row.get("kind") or "").strip().lower() == "dicom":
+    kind = (row.get("kind") or "").strip().lower()
+    if kind == "dicom":
         sop = (row.get("sop_uid") or "").strip()
         if not sop:
             return ""
         return sop if retain_uids or sop.startswith(STANDARD_UID_ROOT) else keys.uid(key, sop)
+    if kind == "nifti":  # a volume's keyed BIDS name (haven.deid.volumes), without its extension
+        from haven.deid.volumes import output_name
+
+        return bids.stem(PurePosixPath(output_name(row, key)[0]).name)
     return keys.image_stem(key, row.get("path", ""))
 
 
@@ -58,8 +64,9 @@ def _index(ingest_manifest: Path, key: bytes, retain_uids: bool) -> tuple[dict, 
 
 
 def _stem(prediction: dict) -> str:
-    # predict's `instance` is the DICOM file's stem; an image's row has none: its file name's stem
-    return prediction.get("instance") or PurePosixPath(prediction.get("file", "")).stem
+    # predict's `instance` is the DICOM file's stem; an image's or a volume's row has none: its file
+    # name without its extension (.nii.gz as one)
+    return prediction.get("instance") or bids.stem(PurePosixPath(prediction.get("file", "")).name)
 
 
 def join(predictions: Path, ingest_manifest: Path, key: bytes, *, retain_uids: bool = False):
