@@ -2,7 +2,8 @@
 
 The actions are data (``data/bids_sidecar.csv``, like the PS3.15 table): ``remove`` (a person, a
 site, a device; the value is recorded at ingest so that the audit looks for it), ``shift`` (dates
-and date-times, moved by the subject's day shift as DICOM dates are), ``keep`` (converter keys that
+and date-times, moved by the subject's day shift as DICOM dates are), ``drop`` (removed, not
+recorded: times of day, which the shifted date-times keep), ``keep`` (converter keys that
 identify nobody).  A key the table does not list is kept when the BIDS schema defines it (its
 metadata are acquisition parameters: RepetitionTime, EchoTime, ...; the schema's identifying keys,
 InstitutionName and the like, are in the table) and dropped otherwise: what a converter or a site
@@ -22,7 +23,7 @@ _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
 
 @functools.lru_cache(maxsize=1)
 def actions() -> dict[str, str]:
-    """key -> remove | shift | keep, from ``data/bids_sidecar.csv``."""
+    """key -> remove | shift | drop | keep, from ``data/bids_sidecar.csv``."""
     text = resources.files("haven.deid").joinpath("data/bids_sidecar.csv").read_text(encoding="utf-8")
     rows = csv.DictReader(line for line in text.splitlines() if line and not line.startswith("#"))
     return {r["key"]: r["action"] for r in rows}
