@@ -23,6 +23,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+# a path without its suffix, .nii.gz as one (the volume readers' own)
+from haven.sources.bids import stem as path_stem
+
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 # the forms a mask file takes, in the order looked for (the first that exists wins)
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii")
@@ -34,23 +37,17 @@ def mask_suffix(name: str) -> str:
     return next((s for s in MASK_SUFFIXES if low.endswith(s)), "")
 
 
-def _stem(rel: str) -> str:
-    """``rel`` without its (mask or image) suffix; ``.nii.gz`` counts as one suffix."""
-    suffix = mask_suffix(rel) or PurePosixPath(rel).suffix
-    return rel[: len(rel) - len(suffix)] if suffix else rel
-
-
 def is_mask_name(rel: str, suffix: str) -> bool:
     """Whether a source file beside the images is a mask: ``<stem><suffix>.<mask format>``."""
     ext = mask_suffix(rel)
-    return bool(suffix) and bool(ext) and _stem(rel).endswith(suffix) and len(PurePosixPath(_stem(rel)).name) > len(suffix)
+    return bool(suffix) and bool(ext) and path_stem(rel).endswith(suffix) and len(PurePosixPath(path_stem(rel)).name) > len(suffix)
 
 
 def mask_for(rel: str, source: Path, masks: Path | None = None, suffix: str = "_mask") -> Path | None:
     """The mask file of the image at ``rel`` (relative to ``source``): ``<masks>/<rel without
     suffix>.<ext>`` when a mask folder is given, else ``<source>/<rel stem><suffix>.<ext>``; None
     when there is none (the image is then all background)."""
-    stem = _stem(rel)
+    stem = path_stem(rel)
     base = Path(masks) / stem if masks is not None else Path(source) / (stem + suffix)
     for ext in MASK_SUFFIXES:
         candidate = base.with_name(base.name + ext)
