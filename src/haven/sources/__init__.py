@@ -15,12 +15,13 @@ from haven.sources.bids import volume_suffix
 from haven.sources.dicom import DicomReader
 from haven.sources.images import ImageReader
 from haven.sources.nifti import NiftiReader
+from haven.sources.slides import SlideReader
 
 __all__ = ["HEADER_FIELDS", "READERS", "Quarantine", "Reader", "file_suffix", "kind_of", "quiet", "read_header",
            "reader_for", "reason"]
 
 # in order of preference: a tie between two readers' recognise() goes to the first
-READERS: tuple[Reader, ...] = (DicomReader(), NiftiReader(), ImageReader())
+READERS: tuple[Reader, ...] = (DicomReader(), NiftiReader(), SlideReader(), ImageReader())
 _BY_KIND = {r.kind: r for r in READERS}
 # every reader's on-sight suffixes but its own (what its guesses give way to), worked out once
 _OTHERS = {r.kind: frozenset().union(*(o.suffixes for o in READERS if o is not r)) for r in READERS}
