@@ -33,6 +33,7 @@ from haven import keys
 from haven.deid.errors import AnonymizeError
 from haven.deid.volumes import MARK
 from haven.deid.writer import TMP_PREFIX
+from haven.sources.slides import truncation  # the reader's check, from the page table alone
 
 # Description keys kept on level 0, each a number (a value that is not one is dropped). Why safe:
 ALLOWED_KEYS = {
@@ -124,28 +125,6 @@ def _segments(fh, page):
         yield fh.read(count)
 
 
-def _check_complete(tif) -> str:
-    """Why the slide is incomplete ("" when it is not): tifffile logs a cut IFD chain or a tile
-    past the end and reads on, so a truncated transfer would pass as a slide of fewer pages."""
-    import struct
-
-    fh, t = tif.filehandle, tif.tiff
-    last = tif.pages[-1]
-    try:
-        fh.seek(last.offset)
-        count = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
-        fh.seek(last.offset + t.tagnosize + count * t.tagsize)
-        following = struct.unpack(t.offsetformat, fh.read(t.offsetsize))[0]
-    except struct.error:
-        return "slide truncated (its last page is cut)"
-    if following:
-        return "slide truncated (a page past the end of the file)"
-    for page in tif.pages:
-        if any(o + n > fh.size or not n for o, n in zip(page.dataoffsets, page.databytecounts)):
-            return "slide truncated (a tile past the end of the file)"
-    return ""
-
-
 def _write_page(tw, fh, page, description: str) -> None:
     """Append ``page`` to ``tw``: its segments copied, the tags to decode them, ``description``."""
     import tifffile
@@ -189,7 +168,7 @@ def deidentify_slide(src: Path, dst: Path) -> dict:
             first = tif.pages.first
             if not first.is_tiled or not (first.description or "").startswith("Aperio"):
                 raise _error(src, "not an Aperio slide (page 0 is not a tiled level with an Aperio description)")
-            incomplete = _check_complete(tif)
+            incomplete = truncation(tif)
             if incomplete:
                 raise _error(src, incomplete, _HINT_CUT)
             big = tif.is_bigtiff or src.stat().st_size > 2**32 - 2**28

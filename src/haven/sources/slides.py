@@ -99,7 +99,7 @@ class SlideReader(Reader):
         slide = _open(path, head)
         try:
             tf = slide.ts_tifffile
-            _check_complete(tf, path.stat().st_size)
+            _check_complete(tf)
             w, h = slide.dimensions
             mpp = slide.properties.get("tiffslide.mpp-x")
             if check_pixels:
@@ -153,14 +153,31 @@ def _looks_like(head: bytes) -> str:
     return "its first bytes are no image format"
 
 
-def _check_complete(tf, size: int) -> None:
-    """Every page's tiles or strips must lie inside the file: a copy cut short is caught here
-    without decoding any pixel."""
-    for k, page in enumerate(tf.pages):
-        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
-        if not ends or max(ends) > size or 0 in page.databytecounts:
-            raise Quarantine(f"truncated whole-slide image: page {k}'s pixel data ends past the end of the "
-                             f"file ({size} bytes), a transfer cut short: {_FIX}")
+def truncation(tif) -> str:
+    """Why a slide opened with tifffile is incomplete ("" when it is not): tifffile logs a cut IFD
+    chain or a tile past the end and reads on, so a transfer cut short would pass as a slide of
+    fewer pages.  Checked from the page table alone, without decoding a pixel."""
+    fh, t = tif.filehandle, tif.tiff
+    last = tif.pages[-1]
+    try:
+        fh.seek(last.offset)
+        count = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
+        fh.seek(last.offset + t.tagnosize + count * t.tagsize)
+        following = struct.unpack(t.offsetformat, fh.read(t.offsetsize))[0]
+    except struct.error:
+        return "slide truncated (its last page is cut)"
+    if following:
+        return "slide truncated (a page past the end of the file)"
+    for page in tif.pages:
+        if any(o + n > fh.size or not n for o, n in zip(page.dataoffsets, page.databytecounts)):
+            return "slide truncated (a tile past the end of the file)"
+    return ""
+
+
+def _check_complete(tf) -> None:
+    why = truncation(tf)
+    if why:
+        raise Quarantine(f"{why}, a transfer cut short: {_FIX}")
 
 
 def _lowest(slide) -> np.ndarray:
