@@ -164,14 +164,15 @@ def identifying_columns(rows: list[dict]) -> frozenset[str]:
         if column == "participant_id" or column.lower() in ("sex", "gender", "age", "site"):
             continue
         values = [r[column] for r in rows if r[column]]
-        numeric = all(_is_number(v) for v in values)
+        numeric = all(is_number(v) for v in values)
         unique = len(values) >= 5 and len(set(values)) == len(values) and not numeric
         if _IDENTIFYING_COLUMN.search(column.lower()) or unique:
             out.add(column)
     return frozenset(out)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number (a table cell, a header value)."""
     try:
         float(text)
     except ValueError:

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from haven.sources.base import BY_CONTENT, BY_NAME, HEADER_FIELDS, NO, Quarantine, Reader
+from haven.sources.bids import is_number
 
 SUFFIXES = frozenset({".svs", ".ndpi", ".scn"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -200,17 +201,9 @@ def description_values(text: str) -> list[tuple[str, str]]:
     for part in text.split("|")[1:]:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
-        if sep and value and key not in _TECHNICAL and not _number(value):
+        if sep and value and key not in _TECHNICAL and not is_number(value):
             out.append((f"ImageDescription.{key}", value))
     return out
-
-
-def _number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def page_identifiers(tf) -> list[tuple[str, str]]:
